@@ -1,0 +1,54 @@
+"""MLflow tracking: the ``tracking`` config section, URI resolution and run start/resume.
+
+The embedded default is a sqlite store inside the run directory (no server needed); any MLflow
+tracking URI works (``http://host:port`` for an operators' server, ``postgresql://...``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pretrain.config import Config
+
+
+class TrackingConfig(Config):
+    """Where runs are recorded."""
+
+    enabled: bool = True
+    """Record the run in MLflow."""
+    tracking_uri: str | None = None
+    """MLflow tracking URI; ``None`` uses $MLFLOW_TRACKING_URI, else ``sqlite:///<run_dir>/mlflow.db``."""
+    experiment: str = "pretrain"
+    """MLflow experiment name."""
+    run_name: str | None = None
+    """MLflow run name; ``None`` uses the run config's ``name``."""
+    system_metrics: bool = False
+    """Also log CPU/GPU/memory system metrics (MLflow's sampler, psutil/pynvml)."""
+
+
+def resolve_tracking_uri(config: TrackingConfig, run_dir: Path) -> str:
+    if config.tracking_uri:
+        return config.tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+
+
+def flatten_params(data: Any, prefix: str = "") -> dict[str, str]:
+    """``{"train": {"lr": 1e-3}}`` -> ``{"train.lr": "0.001"}`` (MLflow params are strings)."""
+    out: dict[str, str] = {}
+    if isinstance(data, dict):
+        for k, v in data.items():
+            out.update(flatten_params(v, f"{prefix}{k}."))
+    else:
+        out[prefix[:-1]] = str(data)[:6000]
+    return out
+
+
+def ui_command(tracking_uri: str) -> str:
+    """The command that opens the MLflow UI on ``tracking_uri``."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"open {tracking_uri} in a browser"
+    return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
