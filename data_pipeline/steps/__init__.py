@@ -1,0 +1,1 @@
+"""datatrove pipeline steps: readers, cleaning formatters, filters and deduplication."""
