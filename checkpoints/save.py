@@ -15,6 +15,7 @@ A directory named ``step_*`` therefore only ever appears complete.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import secrets
@@ -44,6 +45,10 @@ from pretrain.config import Config
 LATEST_NAME = "latest"
 TMP_PREFIX = ".tmp-"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+# .tmp-[old-|del-]step_XXXXXXXX-<host>-<pid>-<random> and .tmp-latest-<host>-<pid>-<random>
+_TMP_NAME = re.compile(r"^\.tmp-(?:(old|del)-)?(step_\d+|latest)-(.+)-(\d+)-[0-9a-f]{8}$")
+
+logger = logging.getLogger(__name__)
 
 
 class CheckpointConfig(Config):
@@ -86,8 +91,7 @@ class Checkpointer:
         self.root = Path(root)
         self.keep_last = keep_last
         self.keep_every = keep_every
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._remove_stale_tmp()
+        self._remove_stale_tmp(local_only=True)
 
     def save(
         self,
@@ -103,7 +107,8 @@ class Checkpointer:
             step: Optimizer step (>= 0). Saving an existing step replaces it.
             state: Named parts, e.g. ``{"model": model.state_dict(), "optimizer": ..., "rng": ...}``;
                 each becomes ``<part>.safetensors`` plus its skeleton in ``state.json``.
-            metadata: JSON-able data stored in the manifest (tuples come back as lists).
+            metadata: JSON-able data stored in the manifest (as JSON: tuples come back as lists,
+                int keys as str).
             files: Extra files copied in under the given names (e.g. ``{"config.yaml": path}``).
 
         Returns:
@@ -122,12 +127,10 @@ class Checkpointer:
             json.dumps(metadata)
         except (TypeError, ValueError) as exc:
             raise TypeError(f"metadata must be JSON-serialisable: {exc}") from None
-        self._remove_stale_tmp()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_tmp(local_only=False)
         final = self.root / f"step_{step:08d}"
-        tmp = (
-            self.root
-            / f"{TMP_PREFIX}{final.name}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
-        )
+        tmp = self._tmp_path(final.name)
         tmp.mkdir()
         try:
             self._write(tmp, step, state, metadata, files)
@@ -201,7 +204,7 @@ class Checkpointer:
     def _install(self, tmp: Path, final: Path) -> None:
         old = None
         if final.exists():
-            old = self.root / f"{TMP_PREFIX}old-{final.name}-{secrets.token_hex(4)}"
+            old = self._tmp_path(f"old-{final.name}")
             os.rename(final, old)
         os.rename(tmp, final)
         _fsync_dir(self.root)
@@ -209,7 +212,7 @@ class Checkpointer:
             shutil.rmtree(old, ignore_errors=True)
 
     def _write_latest(self, name: str) -> None:
-        tmp = self.root / f"{TMP_PREFIX}{LATEST_NAME}-{secrets.token_hex(4)}"
+        tmp = self._tmp_path(LATEST_NAME)
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(name + "\n")
             f.flush()
@@ -224,28 +227,44 @@ class Checkpointer:
             kept |= {path for step, path in found if step % self.keep_every == 0}
         for _, path in found:
             if path not in kept:
-                trash = self.root / f"{TMP_PREFIX}del-{path.name}-{secrets.token_hex(4)}"
+                trash = self._tmp_path(f"del-{path.name}")
                 os.rename(path, trash)
                 shutil.rmtree(trash, ignore_errors=True)
 
-    def _remove_stale_tmp(self) -> None:
-        """Remove ``.tmp-*`` leftovers, except those of a live save by another local process.
+    def _tmp_path(self, what: str) -> Path:
+        """``root/.tmp-<what>-<host>-<pid>-<random>``: the owner is in the name, see :meth:`_remove_stale_tmp`."""
+        return self.root / f"{TMP_PREFIX}{what}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
 
-        A checkpoint moved aside to be replaced (``.tmp-old-step_X-*``) whose replacement never
-        arrived is moved back instead.
+    def _remove_stale_tmp(self, *, local_only: bool) -> None:
+        """Remove ``.tmp-*`` leftovers of crashed saves.
+
+        Entries made by a live process on this host (other than this one) are never touched. With
+        ``local_only`` (a reader constructing a Checkpointer) only entries of dead local processes
+        are removed; a save also removes those of other hosts, as one root has one writer. A
+        checkpoint moved aside to be replaced whose replacement never arrived is moved back.
         """
+        if not self.root.is_dir():
+            return
         host = socket.gethostname()
         for path in sorted(self.root.glob(f"{TMP_PREFIX}*")):
-            owner = _tmp_owner(path.name, host)
-            if owner is not None and owner != os.getpid() and _pid_alive(owner):
+            match = _TMP_NAME.match(path.name)
+            if match is None:
+                continue  # not ours
+            kind, name, owner_host, pid = match.group(1, 2, 3, 4)
+            if owner_host == host:
+                if int(pid) != os.getpid() and _pid_alive(int(pid)):
+                    continue
+            elif local_only:
                 continue
-            old = re.match(rf"^{re.escape(TMP_PREFIX)}old-(step_\d+)-[0-9a-f]+$", path.name)
-            if old and not (self.root / old.group(1)).exists() and _is_valid(path):
-                os.rename(path, self.root / old.group(1))
-            elif path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
+            try:
+                if kind == "old" and not (self.root / name).exists() and _is_valid(path):
+                    os.rename(path, self.root / name)
+                elif path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+            except OSError as exc:
+                logger.warning("could not remove stale %s: %s", path, exc)
 
 
 def _independent(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -265,14 +284,6 @@ def _independent(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         seen.add((t.device, t.untyped_storage().data_ptr()))
         out[name] = t
     return out
-
-
-def _tmp_owner(name: str, host: str) -> int | None:
-    """The pid in a save's temporary directory name if it was made on ``host``, else ``None``."""
-    match = re.match(rf"^{re.escape(TMP_PREFIX)}step_\d+-(.+)-(\d+)-[0-9a-f]+$", name)
-    if match and match.group(1) == host:
-        return int(match.group(2))
-    return None
 
 
 def _pid_alive(pid: int) -> bool:
