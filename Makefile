@@ -1,0 +1,41 @@
+# Two commands for a fresh machine: `make quickstart` and `make test`.
+# Both create .venv when it is missing (torch's CPU build first, then the rest of the stack).
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Extra pip arguments for torch, e.g. TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+# on machines that have no CPU wheel of torch 2.13.0 at hand.
+TORCH_PIP_ARGS ?=
+STAMP := $(VENV)/.installed
+
+.PHONY: quickstart test bench lint format clean venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0 $(TORCH_PIP_ARGS)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/python -c "import torch, deepspeed, megatron.core, datatrove, sentencepiece, mlflow; print('stack ok: torch', torch.__version__)"
+	touch $(STAMP)
+
+quickstart: $(STAMP)
+	$(BIN)/pretrain quickstart
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python bench/bench_train.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf runs .pytest_cache
