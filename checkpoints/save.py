@@ -127,13 +127,19 @@ class Checkpointer:
             json.dumps(metadata)
         except (TypeError, ValueError) as exc:
             raise TypeError(f"metadata must be JSON-serialisable: {exc}") from None
+        flat = {}  # everything is checked before anything is written
+        for part, value in state.items():
+            try:
+                flat[part] = flatten_state(value)
+            except TypeError as exc:
+                raise TypeError(f"checkpoint part {part!r}: {exc}") from None
         self.root.mkdir(parents=True, exist_ok=True)
         self._remove_stale_tmp(local_only=False)
         final = self.root / f"step_{step:08d}"
         tmp = self._tmp_path(final.name)
         tmp.mkdir()
         try:
-            self._write(tmp, step, state, metadata, files)
+            self._write(tmp, step, flat, metadata, files)
             self._install(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -180,12 +186,16 @@ class Checkpointer:
                 raise ValueError(f"extra file {name!r}: {src} is not a file")
 
     def _write(
-        self, tmp: Path, step: int, state: dict[str, Any], metadata: dict[str, Any], files: dict[str, Path]
+        self,
+        tmp: Path,
+        step: int,
+        flat: dict[str, tuple[dict[str, torch.Tensor], Any]],
+        metadata: dict[str, Any],
+        files: dict[str, Path],
     ) -> None:
-        skeletons: dict[str, Any] = {}
+        skeletons = {part: skeleton for part, (_, skeleton) in flat.items()}
         written: list[str] = []
-        for part, value in state.items():
-            tensors, skeletons[part] = flatten_state(value)
+        for part, (tensors, _) in flat.items():
             name = part + PART_SUFFIX
             save_file(_independent(tensors), tmp / name, metadata={"format": "pt"})
             _fsync_file(tmp / name)
@@ -197,7 +207,7 @@ class Checkpointer:
             _fsync_file(tmp / name)
             written.append(name)
         entries = {name: file_entry(tmp / name) for name in written}
-        manifest = build_manifest(step, list(state), entries, metadata)
+        manifest = build_manifest(step, list(flat), entries, metadata)
         write_json(tmp / MANIFEST_NAME, manifest)
         _fsync_dir(tmp)
 
