@@ -131,7 +131,9 @@ def _linear_attention_torch(
     e = v.shape[-1]
     B = min(block_size, n)
     pad = (-n) % B
-    q, k, v = (torch.nn.functional.pad(x.float(), (0, 0, pad, 0)) for x in (q, k, v))
+    q, k, v = (x.float() for x in (q, k, v))
+    if pad:
+        q, k, v = (torch.nn.functional.pad(x, (0, 0, pad, 0)) for x in (q, k, v))
     nb = (n + pad) // B
     q = q.view(b, H, nb, B, d)
     k = k.view(b, H, nb, B, d)
