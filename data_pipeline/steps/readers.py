@@ -95,12 +95,12 @@ class QuarantiningJsonlReader(PipelineStep):
 
     def _parse(self, line: bytes) -> tuple[dict[str, Any] | None, str, str]:
         """``(record, reason, detail)``: ``record`` is None when the line must be quarantined."""
+        if b"\x00" in line:
+            return None, "binary_content", "NUL byte in the raw line"
         try:
             decoded = line.decode("utf-8")
         except UnicodeDecodeError as exc:
             return None, "invalid_utf8", str(exc)
-        if "\x00" in decoded:
-            return None, "binary_content", "NUL byte in the raw line"
         try:
             record = json.loads(decoded)
         except ValueError as exc:

@@ -86,3 +86,27 @@ def test_tokenize_without_eod(corpus: Path, model: Path, tmp_path: Path) -> None
     first = next(iter_jsonl_texts([corpus]))
     assert ds[0].tolist() == tok.encode(first)
     assert result["tokens"] == int(ds.sequence_lengths.sum())
+
+
+def test_megatron_gpt_dataset_accepts_tokenizer(corpus: Path, model: Path, tmp_path: Path) -> None:
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    prefix = tmp_path / "stdlib"
+    tokenize_to_megatron([corpus], model, prefix)
+    tok = SentencePieceTokenizer(model)
+    config = GPTDatasetConfig(
+        random_seed=1,
+        sequence_length=64,
+        blend=([str(prefix)], None),
+        split="100,0,0",
+        tokenizer=tok,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        path_to_cache=str(tmp_path / "cache"),
+    )
+    train, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, [8, None, None], lambda: True, config).build()
+    sample = train[0]
+    assert sample["tokens"].shape[0] == 64
+    assert int(sample["tokens"].max()) < tok.vocab_size
