@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from datatrove.data import DocumentsPipeline
 from datatrove.executor import LocalPipelineExecutor
 from datatrove.pipeline.base import PipelineStep
 from loguru import logger
@@ -122,6 +123,19 @@ def _writer(folder: Path, cfg: CleanConfig, *, intermediate: bool) -> JsonlDocWr
     )
 
 
+class _QuietLogs(PipelineStep):
+    """First step of each task when ``quiet``: silences datatrove's loguru output in pool workers
+    (which do not inherit the caller's setting). Not part of the statistics."""
+
+    name = "🔇 quiet logs"
+    type = "⚙️ - SETUP"
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        logger.disable("datatrove")
+        if data:
+            yield from data
+
+
 @contextmanager
 def _quiet_datatrove(enabled: bool) -> Iterator[None]:
     if enabled:
@@ -190,8 +204,11 @@ def run_clean(inputs: list[Path], output_dir: Path, config: CleanConfig | None =
 
     with _quiet_datatrove(cfg.quiet):
         for stage_name, steps in stages:
+            pipeline = [step for _, step in steps]
+            if cfg.quiet and cfg.workers > 1:
+                pipeline.insert(0, _QuietLogs())
             executor = LocalPipelineExecutor(
-                [step for _, step in steps],
+                pipeline,
                 tasks=cfg.tasks,
                 workers=cfg.workers,
                 logging_dir=str(output_dir / "logs" / stage_name),
@@ -238,7 +255,8 @@ def collect_stats(output_dir: Path, stages: list[tuple[str, list[tuple[str, Pipe
     for stage_name, steps in stages:
         sums: list[dict[str, int]] = [{} for _ in steps]
         for path in sorted((output_dir / "logs" / stage_name / "stats").glob("*.json")):
-            for i, step_stats in enumerate(json.loads(path.read_text())):
+            per_step = [s for s in json.loads(path.read_text()) if s["name"] != str(_QuietLogs())]
+            for i, step_stats in enumerate(per_step):
                 for key, value in step_stats["stats"].items():
                     sums[i][key] = sums[i].get(key, 0) + _count(value)
         for (name, _), raw in zip(steps, sums):
