@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -71,13 +72,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging(verbose: bool) -> None:
+    from rich.console import Console
     from rich.logging import RichHandler
 
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", datefmt="[%X]",
-        handlers=[RichHandler(show_path=False, rich_tracebacks=True)],
+        handlers=[RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=True)],
     )
-    for noisy in ("alembic", "mlflow", "urllib3", "matplotlib", "datatrove"):
+    # megatron-core warns on import that apex/Transformer Engine are absent; on CPU that is expected
+    # (its torch fallbacks are what runs), so say it once in the README instead of on every run.
+    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    for noisy in ("alembic", "mlflow", "urllib3", "matplotlib", "datatrove", "megatron", "megatron.core"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

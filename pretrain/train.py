@@ -21,6 +21,7 @@ from pretrain.tracking import resolve_tracking_uri
 from pretrain.trainer.callbacks.checkpoint import CheckpointCallback
 from pretrain.trainer.callbacks.evaluation import EvaluationCallback
 from pretrain.trainer.callbacks.memory_monitor import MemoryMonitorCallback
+from pretrain.trainer.callbacks.metrics_file import MetricsFileCallback
 from pretrain.trainer.callbacks.mlflow import MLflowCallback
 from pretrain.trainer.callbacks.progress import ProgressCallback
 from pretrain.trainer.callbacks.speed_monitor import SpeedMonitorCallback
@@ -110,6 +111,7 @@ def run_training(
         "stability": StabilityCallback(tc.spike_factor),
         "evaluation": EvaluationCallback(eval_batches, tc.eval_interval),
         "progress": ProgressCallback(progress),
+        "metrics_file": MetricsFileCallback(run_dir / "metrics.jsonl"),
     }
     if config.tracking.enabled:
         artifacts = {"config": [resolved_path] + ([config_path] if config_path else [])}

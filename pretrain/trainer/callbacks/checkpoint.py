@@ -51,6 +51,7 @@ class CheckpointCallback(Callback):
         self.trainer.load_state_dict(loaded.state["trainer"])
         self.last_saved_step = self.trainer.step
         self.resumed_from = path
+        self.trainer.results["resumed_from_step"] = self.trainer.step
         logger.info("resumed from %s (step %d)", path, self.trainer.step)
 
     def post_step(self, step: int) -> None:

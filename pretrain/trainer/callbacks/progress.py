@@ -43,12 +43,13 @@ class ProgressCallback(Callback):
                 self.bar.set_postfix(post, refresh=False)
 
     def state_dict(self) -> dict:
-        return {"initial_loss": self.trainer.results.get("initial_loss")}
+        return {k: self.trainer.results.get(k) for k in ("initial_loss", "final_loss")}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("initial_loss") is not None:
-            self.first_loss = state["initial_loss"]
-            self.trainer.results["initial_loss"] = self.first_loss
+        for key in ("initial_loss", "final_loss"):
+            if state.get(key) is not None:
+                self.trainer.results[key] = state[key]
+        self.first_loss = state.get("initial_loss")
 
     def close(self) -> None:
         if self.bar is not None:

@@ -57,6 +57,13 @@ class SpeedMonitorCallback(Callback):
         self._total_steps += self._window_steps
         self._window_start, self._window_steps = now, 0
 
+    def state_dict(self) -> dict:
+        return {"total_time": self._total_time, "total_steps": self._total_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._total_time = float(state.get("total_time", 0.0))
+        self._total_steps = int(state.get("total_steps", 0))
+
     def post_train(self) -> None:
         if self._total_steps:
             tps = self._total_steps * self.tokens_per_step / self._total_time
