@@ -27,5 +27,7 @@ class ProcessEnv:
         if "RANK" in env and "WORLD_SIZE" in env:
             return cls(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]), job)
         if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-            return cls(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]), job)
+            return cls(
+                int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]), job
+            )
         return cls(slurm_job_id=job)

@@ -39,7 +39,9 @@ class ParallelConfig(Config):
             if getattr(self, name) < 1:
                 raise ValueError(f"parallel.{name} must be >= 1")
         if self.zero_stage >= 2 and self.pp > 1 and self.engine == "deepspeed":
-            raise ValueError("DeepSpeed refuses ZeRO-2/3 with pipeline parallelism: set parallel.zero_stage<=1 or parallel.pp=1")
+            raise ValueError(
+                "DeepSpeed refuses ZeRO-2/3 with pipeline parallelism: set parallel.zero_stage<=1 or parallel.pp=1"
+            )
         return self
 
     @property

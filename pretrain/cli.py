@@ -24,7 +24,11 @@ from pretrain.config import ConfigError
 
 def _add_set(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a config key, e.g. --set train.lr=3e-4 --set data.seq_len=512 (repeatable)",
     )
 
@@ -34,24 +38,43 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("quickstart", help="raw text -> cleaned corpus -> tokenizer -> shards -> trained tiny TNL -> sample",
-                       description="Run the main job end to end on embedded defaults (CPU, local, sqlite MLflow). "
-                                   "A re-run reuses finished stages and resumes training.")
-    p.add_argument("--out", type=Path, default=Path("runs/quickstart"), help="output directory (default: runs/quickstart)")
-    p.add_argument("--input", type=Path, nargs="+", default=None,
-                   help="your own JSONL files, text files or directories instead of the Python stdlib corpus")
+    p = sub.add_parser(
+        "quickstart",
+        help="raw text -> cleaned corpus -> tokenizer -> shards -> trained tiny TNL -> sample",
+        description="Run the main job end to end on embedded defaults (CPU, local, sqlite MLflow). "
+        "A re-run reuses finished stages and resumes training.",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs/quickstart"),
+        help="output directory (default: runs/quickstart)",
+    )
+    p.add_argument(
+        "--input",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="your own JSONL files, text files or directories instead of the Python stdlib corpus",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_set(p)
 
-    p = sub.add_parser("train", help="train (or resume) the run a config describes",
-                       description="Train the run described by CONFIG. Re-running the same command resumes from "
-                                   "the run's latest checkpoint.")
+    p = sub.add_parser(
+        "train",
+        help="train (or resume) the run a config describes",
+        description="Train the run described by CONFIG. Re-running the same command resumes from "
+        "the run's latest checkpoint.",
+    )
     p.add_argument("config", type=Path, help="run config YAML, e.g. configs/tnl-tiny.yaml")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_set(p)
 
-    p = sub.add_parser("generate", help="stream a completion from a checkpoint with the recurrent decoder",
-                       description="Generate text from a checkpoint (a checkpoint dir, a checkpoints dir or a run dir).")
+    p = sub.add_parser(
+        "generate",
+        help="stream a completion from a checkpoint with the recurrent decoder",
+        description="Generate text from a checkpoint (a checkpoint dir, a checkpoints dir or a run dir).",
+    )
     p.add_argument("checkpoint", help="checkpoint, checkpoints or run directory")
     p.add_argument("--prompt", required=True, help="prompt text")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -60,13 +83,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
     p.add_argument("--greedy", action="store_true", help="argmax decoding")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop when TEXT is produced (repeatable)")
+    p.add_argument(
+        "--stop", action="append", default=[], metavar="TEXT", help="stop when TEXT is produced (repeatable)"
+    )
     p.add_argument("--device", default="cpu")
 
-    p = sub.add_parser("config", help="print a resolved config, or the reference of every key",
-                       description="Validate CONFIG with its overrides and print the resolved YAML.")
+    p = sub.add_parser(
+        "config",
+        help="print a resolved config, or the reference of every key",
+        description="Validate CONFIG with its overrides and print the resolved YAML.",
+    )
     p.add_argument("config", type=Path, nargs="?", help="run config YAML")
-    p.add_argument("--reference", action="store_true", help="print every config key with its type, default and doc (Markdown)")
+    p.add_argument(
+        "--reference",
+        action="store_true",
+        help="print every config key with its type, default and doc (Markdown)",
+    )
     _add_set(p)
     return parser
 
@@ -76,7 +108,9 @@ def _setup_logging(verbose: bool) -> None:
     from rich.logging import RichHandler
 
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", datefmt="[%X]",
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        datefmt="[%X]",
         handlers=[RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=True)],
     )
     # megatron-core warns on import that apex/Transformer Engine are absent; on CPU that is expected
@@ -89,7 +123,9 @@ def _setup_logging(verbose: bool) -> None:
 def _cmd_quickstart(args: argparse.Namespace) -> int:
     from pretrain.quickstart import print_summary, run_quickstart
 
-    summary = run_quickstart(args.out, inputs=args.input, overrides=args.overrides, progress=not args.no_progress)
+    summary = run_quickstart(
+        args.out, inputs=args.input, overrides=args.overrides, progress=not args.no_progress
+    )
     print_summary(summary)
     print(f"summary: {args.out / 'summary.json'}")
     return 0
@@ -112,8 +148,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     loaded = load_model(args.checkpoint, device=args.device)
     tok = loaded.tokenizer
     sampling = SamplingConfig(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        greedy=args.greedy, seed=args.seed, stop_token_ids=(tok.eod,),
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        greedy=args.greedy,
+        seed=args.seed,
+        stop_token_ids=(tok.eod,),
     )
     ids = tok.encode(args.prompt)
     sys.stdout.write(args.prompt)
@@ -124,9 +165,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         text = tok.decode(new)
         cut = min((text.find(s) for s in args.stop if s in text), default=-1)
         if cut >= 0:
-            sys.stdout.write(text[len(shown):cut])
+            sys.stdout.write(text[len(shown) : cut])
             break
-        sys.stdout.write(text[len(shown):])  # stream: print only what is new
+        sys.stdout.write(text[len(shown) :])  # stream: print only what is new
         sys.stdout.flush()
         shown = text
     sys.stdout.write("\n")
@@ -148,7 +189,10 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, Any] = {
-    "quickstart": _cmd_quickstart, "train": _cmd_train, "generate": _cmd_generate, "config": _cmd_config,
+    "quickstart": _cmd_quickstart,
+    "train": _cmd_train,
+    "generate": _cmd_generate,
+    "config": _cmd_config,
 }
 
 

@@ -56,7 +56,9 @@ class Config(BaseModel):
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
         if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+            raise ConfigError(
+                f"{path}: the top level must be a mapping of sections, got {type(data).__name__}"
+            )
         source = str(path)
         if overrides:
             data = apply_overrides(data, overrides)
@@ -102,7 +104,11 @@ def _field_names(cls: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     model: Any = cls
     for part in loc:
         field = getattr(model, "model_fields", {}).get(part) if isinstance(part, str) else None
-        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+        if (
+            field is None
+            or not isinstance(field.annotation, type)
+            or not issubclass(field.annotation, BaseModel)
+        ):
             return []
         model = field.annotation
     return list(getattr(model, "model_fields", {}))
@@ -118,7 +124,7 @@ def format_validation_error(cls: type[BaseModel], exc: ValidationError, source: 
             hint = difflib.get_close_matches(str(loc[-1]), valid, n=1)
             msg = f"unknown key '{key}'"
             if hint:
-                msg += f" (did you mean '{'.'.join(str(p) for p in loc[:-1] + (hint[0],))}'?)"
+                msg += f" (did you mean '{'.'.join(str(p) for p in (*loc[:-1], hint[0]))}'?)"
             if valid:
                 msg += f"; valid keys here: {', '.join(valid)}"
             lines.append(f"  - {msg}")

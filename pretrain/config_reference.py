@@ -28,7 +28,11 @@ def config_reference(cls: type[BaseModel], prefix: str = "") -> str:
         if _is_section(field.annotation):
             sections.append((key, typing.cast(type[BaseModel], field.annotation)))
             continue
-        default = field.get_default(call_default_factory=True) if field.default is PydanticUndefined else field.default
+        default = (
+            field.get_default(call_default_factory=True)
+            if field.default is PydanticUndefined
+            else field.default
+        )
         doc = " ".join((field.description or "").split()).replace("|", "\\|")
         rows.append(f"| `{key}` | `{_type_name(field.annotation)}` | `{default!r}` | {doc} |")
     out = []

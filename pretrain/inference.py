@@ -38,7 +38,9 @@ def resolve_checkpoint(ref: str | Path) -> Path:
 def load_model(ref: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
     path = resolve_checkpoint(ref)
     loaded = load_checkpoint(path, parts=["model"])
-    model_cfg = TransNormerConfig.from_dict(loaded.metadata["config"]["model"], source=str(path / "manifest.json"))
+    model_cfg = TransNormerConfig.from_dict(
+        loaded.metadata["config"]["model"], source=str(path / "manifest.json")
+    )
     model = model_cfg.build()
     model.load_state_dict(loaded.state["model"])
     model.to(device).eval()

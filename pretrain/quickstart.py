@@ -30,10 +30,12 @@ from pretrain.tracking import ui_command
 
 logger = logging.getLogger(__name__)
 
-SAMPLE_PROMPT = "def read_config(path):\n    \"\"\"Return the"
+SAMPLE_PROMPT = 'def read_config(path):\n    """Return the'
 
 
-def _run_stage(out: Path, name: str, params: dict[str, Any], fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+def _run_stage(
+    out: Path, name: str, params: dict[str, Any], fn: Callable[[], dict[str, Any]]
+) -> dict[str, Any]:
     """Run ``fn`` unless a finished record with the same ``params`` exists."""
     record = out / "stages" / f"{name}.json"
     if record.is_file():
@@ -45,7 +47,9 @@ def _run_stage(out: Path, name: str, params: dict[str, Any], fn: Callable[[], di
     result = fn()
     record.parent.mkdir(parents=True, exist_ok=True)
     tmp = record.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"params": params, "result": result, "seconds": time.perf_counter() - start}, indent=2))
+    tmp.write_text(
+        json.dumps({"params": params, "result": result, "seconds": time.perf_counter() - start}, indent=2)
+    )
     tmp.replace(record)
     logger.info("stage %-9s done in %.1fs", name, time.perf_counter() - start)
     return result
@@ -151,14 +155,21 @@ def run_quickstart(
     return summary
 
 
-def generate_sample(checkpoint: str | Path, prompt: str = SAMPLE_PROMPT, max_new_tokens: int = 48) -> dict[str, str]:
+def generate_sample(
+    checkpoint: str | Path, prompt: str = SAMPLE_PROMPT, max_new_tokens: int = 48
+) -> dict[str, str]:
     from pretrain.generate import SamplingConfig, generate
     from pretrain.inference import load_model
 
     loaded = load_model(checkpoint)
     ids = loaded.tokenizer.encode(prompt)
-    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.8, top_k=40, seed=0,
-                              stop_token_ids=(loaded.tokenizer.eod,))
+    sampling = SamplingConfig(
+        max_new_tokens=max_new_tokens,
+        temperature=0.8,
+        top_k=40,
+        seed=0,
+        stop_token_ids=(loaded.tokenizer.eod,),
+    )
     new = list(generate(loaded.model, ids, sampling))
     return {"prompt": prompt, "completion": loaded.tokenizer.decode(new)}
 
@@ -168,13 +179,25 @@ def print_summary(summary: dict[str, Any]) -> None:
     from rich.table import Table
 
     table = Table(title="quickstart", show_header=False)
-    for key in ("initial_loss", "final_loss", "heldout_perplexity", "tokens_per_second", "mfu_percent",
-                "peak_memory_gib", "num_params", "checkpoint", "mlflow_run_id", "seconds"):
+    for key in (
+        "initial_loss",
+        "final_loss",
+        "heldout_perplexity",
+        "tokens_per_second",
+        "mfu_percent",
+        "peak_memory_gib",
+        "num_params",
+        "checkpoint",
+        "mlflow_run_id",
+        "seconds",
+    ):
         value = summary.get(key)
         table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
     console = Console()
     console.print(table)
     console.print("[bold]sample[/bold] (recurrent decoder, from the saved checkpoint):")
-    console.print(summary["sample"]["prompt"] + summary["sample"]["completion"], markup=False, highlight=False)
+    console.print(
+        summary["sample"]["prompt"] + summary["sample"]["completion"], markup=False, highlight=False
+    )
     if summary.get("mlflow_tracking_uri"):
         console.print(f"\nOpen the MLflow UI: {ui_command(summary['mlflow_tracking_uri'])}", markup=False)

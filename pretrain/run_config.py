@@ -25,8 +25,8 @@ from parallel.config import ParallelConfig
 from pretrain.config import Config
 from pretrain.data.loader import DataConfig
 from pretrain.models.transnormer import TransNormerConfig
-from pretrain.trainer.config import TrainConfig
 from pretrain.tracking import TrackingConfig
+from pretrain.trainer.config import TrainConfig
 
 
 class RunConfig(Config):

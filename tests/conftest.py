@@ -82,9 +82,24 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
     mlflow_bin = shutil.which("mlflow", path=str(BIN)) or "mlflow"
     log = (root / "server.log").open("w")
     proc = subprocess.Popen(
-        [mlflow_bin, "server", "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        [
+            mlflow_bin,
+            "server",
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
     )
     uri = f"http://127.0.0.1:{port}"
     deadline = time.time() + 90
@@ -94,7 +109,9 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
             break
         except OSError:
             if proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}") from None
+                raise RuntimeError(
+                    f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}"
+                ) from None
             time.sleep(0.5)
     else:
         proc.kill()

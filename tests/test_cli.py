@@ -14,7 +14,9 @@ SUBCOMMANDS = ["quickstart", "train", "generate", "config"]
 
 
 def _pretrain(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pretrain.cli", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "pretrain.cli", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_help_for_every_subcommand(capsys: pytest.CaptureFixture) -> None:
@@ -36,8 +38,16 @@ def test_config_typo_fails_before_work_naming_key_and_file(tmp_path: Path) -> No
 
 
 def test_missing_data_is_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    code = main(["train", "configs/tnl-tiny.yaml", "--set", f"data.paths=[{tmp_path}/none]",
-                 "--set", f"run_dir={tmp_path / 'run'}"])
+    code = main(
+        [
+            "train",
+            "configs/tnl-tiny.yaml",
+            "--set",
+            f"data.paths=[{tmp_path}/none]",
+            "--set",
+            f"run_dir={tmp_path / 'run'}",
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "training data not found" in err and f"{tmp_path}/none.bin" in err
@@ -49,8 +59,14 @@ def test_config_prints_resolved_yaml_and_reference(capsys: pytest.CaptureFixture
     assert "lr: 0.5" in out and "d_model: 128" in out
     assert main(["config", "--reference"]) == 0
     ref = capsys.readouterr().out
-    for key in ("`train.lr`", "`model.d_model`", "`data.paths`", "`checkpoint.keep_every`",
-                "`parallel.tp`", "`tracking.tracking_uri`"):
+    for key in (
+        "`train.lr`",
+        "`model.d_model`",
+        "`data.paths`",
+        "`checkpoint.keep_every`",
+        "`parallel.tp`",
+        "`tracking.tracking_uri`",
+    ):
         assert key in ref
 
 
@@ -61,10 +77,17 @@ def test_generate_streams_from_a_checkpoint(tiny_corpus: dict[str, Path], tmp_pa
     from tests.conftest import tiny_config
 
     run_training(tiny_config(tiny_corpus, tmp_path / "run", **{"train.steps": 2}), progress=False)
-    proc = _pretrain("generate", str(tmp_path / "run"), "--prompt", "def main(", "--greedy", "--max-new-tokens", "8")
+    proc = _pretrain(
+        "generate", str(tmp_path / "run"), "--prompt", "def main(", "--greedy", "--max-new-tokens", "8"
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     loaded = load_model(tmp_path / "run")
     ids = loaded.tokenizer.encode("def main(")
-    new = list(generate(loaded.model, ids, SamplingConfig(max_new_tokens=8, greedy=True,
-                                                         stop_token_ids=(loaded.tokenizer.eod,))))
+    new = list(
+        generate(
+            loaded.model,
+            ids,
+            SamplingConfig(max_new_tokens=8, greedy=True, stop_token_ids=(loaded.tokenizer.eod,)),
+        )
+    )
     assert proc.stdout.rstrip("\n") == "def main(" + loaded.tokenizer.decode(new)

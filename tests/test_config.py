@@ -21,8 +21,14 @@ def test_every_preset_loads(preset: str) -> None:
 
 def test_published_presets_have_published_sizes() -> None:
     # Released shapes (REFERENCE.md section 1): layers x width x heads.
-    shapes = {"385m": (24, 1024, 8), "1b": (16, 2048, 16), "3b": (32, 2560, 20), "7b": (30, 4096, 32),
-              "13b": (36, 5120, 40), "15b": (42, 5120, 40)}
+    shapes = {
+        "385m": (24, 1024, 8),
+        "1b": (16, 2048, 16),
+        "3b": (32, 2560, 20),
+        "7b": (30, 4096, 32),
+        "13b": (36, 5120, 40),
+        "15b": (42, 5120, 40),
+    }
     for name, (layers, width, heads) in shapes.items():
         m = RunConfig.from_yaml(preset_path(f"tnl-{name}")).model
         assert (m.n_layers, m.d_model, m.n_heads, m.vocab_size) == (layers, width, heads, 64000)
@@ -30,7 +36,9 @@ def test_published_presets_have_published_sizes() -> None:
 
 
 def test_overrides_parse_values_as_yaml() -> None:
-    config = RunConfig.from_yaml(preset_path("tnl-tiny"), ["train.lr=1e-4", "data.paths=[a, b]", "train.steps=7"])
+    config = RunConfig.from_yaml(
+        preset_path("tnl-tiny"), ["train.lr=1e-4", "data.paths=[a, b]", "train.steps=7"]
+    )
     assert config.train.lr == 1e-4 and config.train.steps == 7 and config.data.paths == ["a", "b"]
     assert apply_overrides({"a": {"b": 1}}, ["a.c=x"]) == {"a": {"b": 1, "c": "x"}}
 
@@ -60,7 +68,7 @@ def test_invalid_value_explains_fix(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         RunConfig.from_yaml(_write(tmp_path, "model:\n  d_model: 100\n  n_heads: 3\n"))
     assert "n_heads=3 must divide" in str(err.value)
-    with pytest.raises(ConfigError, match="train.steps"):
+    with pytest.raises(ConfigError, match=r"train\.steps"):
         RunConfig.from_yaml(preset_path("tnl-tiny"), ["train.steps=0"])
 
 

@@ -30,8 +30,15 @@ def test_quickstart_end_to_end_and_rerun(tmp_path: Path) -> None:
     out = tmp_path / "qs"
     first = _quickstart(out)
     summary = json.loads((out / "summary.json").read_text())
-    for key in ("mlflow_tracking_uri", "mlflow_run_id", "checkpoint_dir", "initial_loss", "final_loss",
-                "heldout_perplexity", "tokens_per_second"):
+    for key in (
+        "mlflow_tracking_uri",
+        "mlflow_run_id",
+        "checkpoint_dir",
+        "initial_loss",
+        "final_loss",
+        "heldout_perplexity",
+        "tokens_per_second",
+    ):
         assert summary[key] is not None, key
     assert summary["final_loss"] < summary["initial_loss"] - 1.0
     assert 1 < summary["heldout_perplexity"] < 4096  # better than uniform over the vocabulary

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from pretrain.config import Config
 
@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 class DataConfig(Config):
     """Where the tokenized training data lives and how it is cut into samples."""
 
-    paths: list[str] = ["runs/quickstart/data/tokens/corpus"]
+    paths: list[str] = Field(default_factory=lambda: ["runs/quickstart/data/tokens/corpus"])
     """Megatron dataset prefixes (``PREFIX.bin`` / ``PREFIX.idx``), relative to the working directory."""
     weights: list[float] | None = None
     """Blend weights, one per path; ``None`` weighs each path by its size."""
@@ -61,7 +61,9 @@ class DataConfig(Config):
 
     def check_files(self) -> None:
         """Fail early, naming the missing file, before any dataset index is built."""
-        missing = [f"{p}{ext}" for p in self.paths for ext in (".bin", ".idx") if not Path(f"{p}{ext}").is_file()]
+        missing = [
+            f"{p}{ext}" for p in self.paths for ext in (".bin", ".idx") if not Path(f"{p}{ext}").is_file()
+        ]
         if not Path(self.tokenizer).is_file():
             missing.append(self.tokenizer)
         if missing:

@@ -7,16 +7,25 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from pretrain.train import run_training
 from pretrain.tracking import flatten_params
+from pretrain.train import run_training
 from tests.conftest import tiny_config
 
 
-def test_run_is_recorded_on_tracking_server(tiny_corpus: dict[str, Path], mlflow_server: str, tmp_path: Path) -> None:
+def test_run_is_recorded_on_tracking_server(
+    tiny_corpus: dict[str, Path], mlflow_server: str, tmp_path: Path
+) -> None:
     config = tiny_config(
-        tiny_corpus, tmp_path / "run",
-        **{"tracking.enabled": True, "tracking.tracking_uri": mlflow_server, "tracking.experiment": "tests",
-           "train.steps": 6, "train.log_interval": 3, "checkpoint.interval": 3},
+        tiny_corpus,
+        tmp_path / "run",
+        **{
+            "tracking.enabled": True,
+            "tracking.tracking_uri": mlflow_server,
+            "tracking.experiment": "tests",
+            "train.steps": 6,
+            "train.log_interval": 3,
+            "checkpoint.interval": 3,
+        },
     )
     results = run_training(config, progress=False)
     client = MlflowClient(mlflow_server)
@@ -31,7 +40,10 @@ def test_run_is_recorded_on_tracking_server(tiny_corpus: dict[str, Path], mlflow
 
     losses = client.get_metric_history(run.info.run_id, "train/loss")
     assert sorted(m.step for m in losses) == [1, 2, 3, 4, 5, 6]
-    assert {m.step for m in client.get_metric_history(run.info.run_id, "throughput/tokens_per_second")} == {3, 6}
+    assert {m.step for m in client.get_metric_history(run.info.run_id, "throughput/tokens_per_second")} == {
+        3,
+        6,
+    }
     assert run.data.metrics["eval/perplexity"] > 1
     assert run.data.metrics["summary/final_loss"] == results["final_loss"]
 
@@ -44,7 +56,9 @@ def test_run_is_recorded_on_tracking_server(tiny_corpus: dict[str, Path], mlflow
     assert len(client.search_runs([run.info.experiment_id])) == 1
 
 
-def test_default_store_is_sqlite_in_run_dir(tiny_corpus: dict[str, Path], tmp_path: Path, monkeypatch) -> None:
+def test_default_store_is_sqlite_in_run_dir(
+    tiny_corpus: dict[str, Path], tmp_path: Path, monkeypatch
+) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     config = tiny_config(tiny_corpus, tmp_path / "run", **{"tracking.enabled": True, "train.steps": 2})
     results = run_training(config, progress=False)

@@ -21,14 +21,28 @@ from tests.conftest import tiny_overrides
 
 STEPS = 40
 # Larger than the other tiny runs so that a step takes long enough to kill the run mid-way.
-SIZE = {"model.d_model": 64, "model.glu_dim": 128, "data.seq_len": 128, "train.micro_batch_size": 8,
-        "train.steps": STEPS, "checkpoint.interval": 5, "checkpoint.keep_last": 2}
+SIZE = {
+    "model.d_model": 64,
+    "model.glu_dim": 128,
+    "data.seq_len": 128,
+    "train.micro_batch_size": 8,
+    "train.steps": STEPS,
+    "checkpoint.interval": 5,
+    "checkpoint.keep_last": 2,
+}
 
 
 def _train_cmd(corpus: dict[str, Path], run_dir: Path) -> list[str]:
     sets = tiny_overrides(corpus, run_dir, **SIZE)
-    return [sys.executable, "-m", "pretrain.cli", "train", str(preset_path("tnl-tiny")), "--no-progress",
-            *(x for s in sets for x in ("--set", s))]
+    return [
+        sys.executable,
+        "-m",
+        "pretrain.cli",
+        "train",
+        str(preset_path("tnl-tiny")),
+        "--no-progress",
+        *(x for s in sets for x in ("--set", s)),
+    ]
 
 
 def _run(cmd: list[str]) -> subprocess.CompletedProcess:
@@ -48,8 +62,13 @@ def test_sigkill_then_rerun_is_bit_identical(tiny_corpus: dict[str, Path], tmp_p
     _run(_train_cmd(tiny_corpus, ref_dir))
 
     # Start the same run and SIGKILL it once it is past its second checkpoint.
-    proc = subprocess.Popen(_train_cmd(tiny_corpus, killed_dir), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        _train_cmd(tiny_corpus, killed_dir),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     metrics = killed_dir / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -29,7 +30,7 @@ def _module(accum: int, mbs: int) -> TrainModule:
 def test_grad_accumulation_matches_one_large_batch() -> None:
     gen = torch.Generator().manual_seed(1)
     big = _batch(8, 24, 64, gen)
-    halves = [Batch(big.tokens[i:i + 4], big.labels[i:i + 4], big.loss_mask[i:i + 4]) for i in (0, 4)]
+    halves = [Batch(big.tokens[i : i + 4], big.labels[i : i + 4], big.loss_mask[i : i + 4]) for i in (0, 4)]
     one, two = _module(1, 8), _module(2, 4)
     for _ in range(3):
         a, b = one.train_step([big]), two.train_step(halves)
@@ -55,6 +56,6 @@ def test_loss_is_masked_mean_cross_entropy() -> None:
 def test_warmup_then_cosine_to_min_ratio() -> None:
     lrs = [cosine_with_warmup(s, warmup=10, total=110, min_ratio=0.1) for s in range(111)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert all(a >= b for a, b in itertools.pairwise(lrs[9:]))
     assert lrs[60] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert lrs[110] == pytest.approx(0.1)

@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pretrain.trainer.callbacks.base import Callback
 from pretrain.tracking import flatten_params
+from pretrain.trainer.callbacks.base import Callback
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,9 @@ class MLflowCallback(Callback):
             try:
                 self._client.get_run(self.run_id)
             except Exception:  # the store was replaced: start afresh rather than fail the run
-                logger.warning("MLflow run %s not found at %s; starting a new run", self.run_id, self.tracking_uri)
+                logger.warning(
+                    "MLflow run %s not found at %s; starting a new run", self.run_id, self.tracking_uri
+                )
                 self.run_id, resumed = None, False
         if self.run_id is None:
             exp = self._client.get_experiment_by_name(self.experiment)
@@ -132,7 +134,8 @@ class MLflowCallback(Callback):
 
         ts = int(time.time() * 1000)
         self._client.log_batch(
-            self.run_id, metrics=[Metric(f"summary/{k}", float(v), ts, self.trainer.step) for k, v in summary.items()]
+            self.run_id,
+            metrics=[Metric(f"summary/{k}", float(v), ts, self.trainer.step) for k, v in summary.items()],
         )
 
     def on_error(self, exc: BaseException) -> None:

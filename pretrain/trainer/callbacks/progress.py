@@ -18,7 +18,11 @@ class ProgressCallback(Callback):
     def pre_train(self) -> None:
         if self.enabled and self.trainer.is_main:
             self.bar = tqdm(
-                total=self.trainer.max_steps, initial=self.trainer.step, desc="train", unit="step", dynamic_ncols=True
+                total=self.trainer.max_steps,
+                initial=self.trainer.step,
+                desc="train",
+                unit="step",
+                dynamic_ncols=True,
             )
 
     def post_step(self, step: int) -> None:

@@ -29,7 +29,9 @@ class StabilityCallback(Callback):
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
         for key in ("train/loss", "train/grad_norm"):
             if key in metrics and not math.isfinite(metrics[key]):
-                raise TrainingInstabilityError(f"{key} is {metrics[key]} at step {step}; stopping before it is saved")
+                raise TrainingInstabilityError(
+                    f"{key} is {metrics[key]} at step {step}; stopping before it is saved"
+                )
         loss = metrics.get("train/loss")
         if loss is None:
             return
