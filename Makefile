@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH_PIP_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: quickstart test bench lint format clean venv
+.PHONY: quickstart test bench lint format readme clean venv
 
 venv: $(STAMP)
 
@@ -32,6 +32,9 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+readme: $(STAMP)
+	$(BIN)/python -m pretrain.config_reference README.md
 
 format: $(STAMP)
 	$(BIN)/ruff format .

@@ -34,7 +34,8 @@ def config_reference(cls: type[BaseModel], prefix: str = "") -> str:
             else field.default
         )
         doc = " ".join((field.description or "").split()).replace("|", "\\|")
-        rows.append(f"| `{key}` | `{_type_name(field.annotation)}` | `{default!r}` | {doc} |")
+        type_name = _type_name(field.annotation).replace("|", "\\|")
+        rows.append(f"| `{key}` | `{type_name}` | `{default!r}` | {doc} |")
     out = []
     if rows:
         title = prefix.rstrip(".") or "top level"
@@ -42,3 +43,29 @@ def config_reference(cls: type[BaseModel], prefix: str = "") -> str:
     for key, section in sections:
         out.append(config_reference(section, f"{key}."))
     return "\n".join(out)
+
+
+START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
+
+
+def readme_section(text: str) -> str:
+    """The generated part of a README (between the config-reference markers)."""
+    return text.split(START, 1)[1].split(END, 1)[0].strip()
+
+
+def update_readme(path: str) -> None:
+    """Rewrite the config reference between the markers of the README at ``path``."""
+    from pathlib import Path
+
+    from pretrain.run_config import RunConfig
+
+    text = Path(path).read_text()
+    head, rest = text.split(START, 1)
+    tail = rest.split(END, 1)[1]
+    Path(path).write_text(f"{head}{START}\n{config_reference(RunConfig).strip()}\n{END}{tail}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    update_readme(sys.argv[1] if len(sys.argv) > 1 else "README.md")
