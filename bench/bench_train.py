@@ -45,8 +45,13 @@ def bench_train(cfg: TransNormerConfig, batch: int, seq: int, passes: int, steps
         times.append((time.perf_counter() - start) / steps)
     step = statistics.median(times)
     tps = batch * seq / step
-    return {"batch": batch, "seq_len": seq, "step_ms": 1e3 * step, "tokens_per_second": tps,
-            "tflops": tps * cfg.flops_per_token(seq) / 1e12}
+    return {
+        "batch": batch,
+        "seq_len": seq,
+        "step_ms": 1e3 * step,
+        "tokens_per_second": tps,
+        "tflops": tps * cfg.flops_per_token(seq) / 1e12,
+    }
 
 
 @torch.no_grad()
@@ -77,7 +82,9 @@ def main() -> None:
     rows = []
     for name, cfg in SHAPES.items():
         for batch, seq in TRAIN_SHAPES:
-            rows.append({"model": name, "kind": "train", **bench_train(cfg, batch, seq, args.passes, args.steps)})
+            rows.append(
+                {"model": name, "kind": "train", **bench_train(cfg, batch, seq, args.passes, args.steps)}
+            )
         for ctx in DECODE_CONTEXTS:
             rows.append({"model": name, "kind": "decode", **bench_decode(cfg, ctx, args.passes)})
 
@@ -89,11 +96,19 @@ def main() -> None:
         table.add_column(col)
     for r in rows:
         if r["kind"] == "train":
-            table.add_row(r["model"], "train tokens/s", f"{r['batch']} x {r['seq_len']}",
-                          f"{r['tokens_per_second']:.0f} ({r['step_ms']:.0f} ms/step)")
+            table.add_row(
+                r["model"],
+                "train tokens/s",
+                f"{r['batch']} x {r['seq_len']}",
+                f"{r['tokens_per_second']:.0f} ({r['step_ms']:.0f} ms/step)",
+            )
         else:
-            table.add_row(r["model"], "decode ms/token", f"context {r['context']}",
-                          f"{r['ms_per_token']:.2f} (state {r['state_mib']:.2f} MiB)")
+            table.add_row(
+                r["model"],
+                "decode ms/token",
+                f"context {r['context']}",
+                f"{r['ms_per_token']:.2f} (state {r['state_mib']:.2f} MiB)",
+            )
     Console().print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"torch": torch.__version__, "threads": args.threads, "passes": args.passes}
