@@ -110,3 +110,67 @@ def test_megatron_gpt_dataset_accepts_tokenizer(corpus: Path, model: Path, tmp_p
     sample = train[0]
     assert sample["tokens"].shape[0] == 64
     assert int(sample["tokens"].max()) < tok.vocab_size
+
+
+def test_reservoir_sample_covers_the_whole_corpus() -> None:
+    from data_pipeline.tokenizer import sample_lines
+
+    texts = [f"line {i}" for i in range(1000)]
+    head = sample_lines(texts, 100, sample="head")
+    assert head == texts[:100]
+    sample = sample_lines(texts, 100, seed=3)
+    assert len(sample) == 100 and len(set(sample)) == 100
+    indices = [int(s.split()[1]) for s in sample]
+    assert indices == sorted(indices)  # corpus order
+    assert max(indices) > 900 and min(indices) < 100  # drawn from the whole corpus
+    assert sample == sample_lines(texts, 100, seed=3)  # deterministic
+    assert sample != sample_lines(texts, 100, seed=4)
+    assert sample_lines(texts[:50], 100, seed=3) == texts[:50]  # small corpus: all of it
+
+
+def test_sampled_training_with_user_symbols(corpus: Path, tmp_path: Path) -> None:
+    from data_pipeline.tokenizer import TokenizerConfig
+
+    cfg = TokenizerConfig(vocab_size=600, max_sentences=500, user_symbols=["<|code|>", "<|sep|>"], seed=1)
+    model = cfg.train([corpus], tmp_path / "sp")
+    tok = SentencePieceTokenizer(model)
+    assert tok.vocab_size == 600
+    text = "<|code|>def f():\n    pass<|sep|>"
+    ids = tok.encode(text)
+    pieces = [tok.id_to_piece(i) for i in ids]
+    assert "<|code|>" in pieces and "<|sep|>" in pieces and "\n" in pieces
+    assert tok.decode(ids) == text
+    assert TokenizerConfig(model=str(model)).train([corpus], tmp_path / "unused") == model
+
+
+@pytest.mark.parametrize("tasks", [3, 7])
+def test_parallel_tokenization_equals_sequential(
+    corpus: Path, model: Path, tmp_path: Path, tasks: int
+) -> None:
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from data_pipeline.tokenize import TokenizeConfig, local_runner, tokenize_parallel
+
+    # two input files, one with a blank line and a record without text
+    lines = corpus.read_text().splitlines()
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("\n".join(lines[:40]) + "\n\n" + json.dumps({"id": "x", "body": 1}) + "\n")
+    b.write_text("\n".join(lines[40:90]) + "\n")
+    seq = tokenize_to_megatron([a, b], model, tmp_path / "seq")
+    runner = local_runner(workers=2 if tasks == 3 else 1)  # a pool once (its start costs ~10 s)
+    par = tokenize_parallel([a, b], model, tmp_path / "par", tasks=tasks, runner=runner)
+    assert par["documents"] == seq["documents"] == 90 and par["tokens"] == seq["tokens"]
+    assert par["skipped"] == 1 and par["prefixes"] == [str(tmp_path / "par")]
+    assert (tmp_path / "par.bin").read_bytes() == (tmp_path / "seq.bin").read_bytes()
+    s, p = IndexedDataset(str(tmp_path / "seq")), IndexedDataset(str(tmp_path / "par"))
+    assert list(s.document_indices) == list(p.document_indices)
+    assert all(s[i].tolist() == p[i].tolist() for i in range(len(s)))
+    assert not (tmp_path / "par_shards").exists()
+
+    kept = tokenize_parallel(
+        [a, b], model, tmp_path / "unmerged", tasks=tasks, config=TokenizeConfig(merge=False)
+    )
+    assert len(kept["prefixes"]) == tasks and kept["tokens"] == seq["tokens"]
+    shards = [IndexedDataset(prefix) for prefix in kept["prefixes"]]  # keep the mmaps alive
+    docs = [ds[i].tolist() for ds in shards for i in range(len(ds))]
+    assert docs == [s[i].tolist() for i in range(len(s))]
