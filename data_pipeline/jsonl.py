@@ -1,34 +1,72 @@
 """Small JSONL helpers shared by the corpus builder, the tokenizer trainer and the tokenizer step.
 
-Files may be plain or gzip-compressed; compression is detected from the file's magic bytes, not its
-name. These helpers are for already-cleaned data: a bad record raises (the robust, quarantining
-reader for raw data lives in :mod:`data_pipeline.steps.readers`).
+Files may be plain, gzip- or zstd-compressed; compression is detected from the file's magic bytes,
+not its name (zstd needs the optional ``zstandard`` package; without it a clear error names it).
+These helpers are for already-cleaned data: a bad record raises (the robust, quarantining reader for
+raw data lives in :mod:`data_pipeline.steps.readers`).
 """
 
 from __future__ import annotations
 
 import gzip
+import io
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
 GZIP_MAGIC = b"\x1f\x8b"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+class MissingDependencyError(RuntimeError):
+    """An input needs an optional package that is not installed."""
+
+
+def compression_of(path: str | Path) -> str | None:
+    """``"gzip"``, ``"zstd"`` or ``None`` (plain), from the file's magic bytes."""
+    with open(path, "rb") as probe:
+        magic = probe.read(4)
+    if magic[:2] == GZIP_MAGIC:
+        return "gzip"
+    if magic == ZSTD_MAGIC:
+        return "zstd"
+    return None
+
+
+def check_readable(path: str | Path) -> None:
+    """Raise :class:`MissingDependencyError` when ``path`` is zstd-compressed and ``zstandard`` is
+    missing (called before a run starts, so it never fails half-way)."""
+    if compression_of(path) == "zstd":
+        try:
+            import zstandard  # noqa: F401
+        except ImportError:
+            raise MissingDependencyError(
+                f"{path} is zstd-compressed: install the 'zstandard' package to read it"
+            ) from None
 
 
 def open_binary(path: str | Path) -> IO[bytes]:
-    """Open ``path`` for binary reading, transparently decompressing gzip.
+    """Open ``path`` for binary reading, transparently decompressing gzip and zstd.
 
     Args:
-        path: a plain or gzip-compressed file.
+        path: a plain, gzip- or zstd-compressed file.
 
     Returns:
         A binary file object.
+
+    Raises:
+        MissingDependencyError: the file is zstd-compressed and ``zstandard`` is not installed.
     """
-    with open(path, "rb") as probe:
-        magic = probe.read(2)
-    if magic == GZIP_MAGIC:
+    kind = compression_of(path)
+    if kind == "gzip":
         return gzip.open(path, "rb")
+    if kind == "zstd":
+        check_readable(path)
+        import zstandard
+
+        raw = open(path, "rb")  # closed with the returned reader
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
     return open(path, "rb")
 
 

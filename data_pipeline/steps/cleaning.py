@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import html
 import re
+import unicodedata
 
 from datatrove.data import DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
@@ -235,3 +236,103 @@ class WhitespaceFormatter(CountingFormatter):
         text = _TRAILING_WS.sub("", text)
         text = self._blank_run.sub("\n" * (self.max_blank_lines + 1), text)
         return text.strip("\n")
+
+
+class MojibakeFormatter(CountingFormatter):
+    """Repair mojibake (UTF-8 decoded as Latin-1/cp1252, e.g. ``"cafÃ©"`` -> ``"café"``) with
+    ``ftfy.fix_encoding``. Pure-ASCII documents are skipped without calling ftfy. Only the
+    encoding fix runs: quotes, HTML entities, line breaks and character widths are left alone.
+
+    Args:
+        skip_code: leave code documents alone.
+    """
+
+    name = "🔤 fix mojibake"
+    _requires_dependencies = ("ftfy",)
+
+    def __init__(self, skip_code: bool = False) -> None:
+        super().__init__(skip_code=skip_code)
+
+    def format(self, text: str) -> str:
+        """Repair the encoding of ``text``."""
+        if text.isascii():
+            return text
+        import ftfy
+
+        return ftfy.fix_encoding(text)
+
+
+# A base64/hex blob: one 64+ character token of the base64 alphabet with letters and digits mixed.
+_B64_BLOB = re.compile(
+    r"(?<![\w/+=])(?=[A-Za-z0-9+/]*\d)(?=[A-Za-z0-9+/]*[A-Za-z])[A-Za-z0-9+/]{64,}={0,2}(?![\w/+=])"
+)
+
+
+class GarbledStringFormatter(CountingFormatter):
+    """Remove abnormal strings from prose: base64/hex blobs (a 64+ character token of the base64
+    alphabet mixing letters and digits) and runs of ``min_symbol_run`` or more non-word,
+    non-space symbols (``"#$%^&*@~"``-style garbage). A line made of one repeated character
+    (a Markdown rule or heading underline such as ``-----`` or ``=====``) and Markdown table rows
+    are kept. Counts ``blobs_removed`` and ``symbol_runs_removed``.
+
+    Args:
+        min_symbol_run: shortest symbol run that is removed.
+        skip_code: leave code documents alone.
+    """
+
+    name = "🗑 remove garbled strings"
+
+    def __init__(self, min_symbol_run: int = 12, skip_code: bool = True) -> None:
+        super().__init__(skip_code=skip_code)
+        self.min_symbol_run = min_symbol_run
+        self._symbols = re.compile(rf"[^\w\s]{{{min_symbol_run},}}")
+
+    def _symbol_run(self, m: re.Match[str]) -> str:
+        run = m.group(0)
+        if len(set(run)) == 1 and run[0] in "-=*_#~`.|+":  # rules, underlines, fences
+            return run
+        if set(run) <= set("|-:+ "):  # Markdown table separators
+            return run
+        self.stat_update("symbol_runs_removed")
+        return ""
+
+    def format(self, text: str) -> str:
+        """Remove blobs and symbol runs from ``text``."""
+        n = len(_B64_BLOB.findall(text)) if len(text) >= 64 else 0
+        if n:
+            self.stat_update("blobs_removed", value=n)
+            text = _B64_BLOB.sub("", text)
+        return self._symbols.sub(self._symbol_run, text)
+
+
+_UNICODE_DIGITS = {
+    c: str(unicodedata.digit(chr(c)))
+    for c in range(0x660, 0x1FBFA)
+    if unicodedata.category(chr(c)) == "Nd" and not chr(c).isascii()
+}
+_THOUSANDS = re.compile(r"(?<=\d)[,\u00a0\u202f\u2009 ](?=\d{3}(?!\d))")
+
+
+class NumberFormatter(CountingFormatter):
+    """Normalise numbers (off by default in :class:`data_pipeline.clean.CleanConfig`): every
+    Unicode decimal digit (full-width, Arabic-Indic, Devanagari ...) becomes its ASCII digit, and
+    optionally thousands separators inside numbers are dropped (``1,234,567`` -> ``1234567``).
+
+    Args:
+        strip_thousands: remove ``,``/space/thin-space thousands separators between digits.
+        skip_code: leave code documents alone.
+    """
+
+    name = "🔢 normalise numbers"
+
+    def __init__(self, strip_thousands: bool = False, skip_code: bool = True) -> None:
+        super().__init__(skip_code=skip_code)
+        self.strip_thousands = strip_thousands
+
+    def format(self, text: str) -> str:
+        """Normalise the numbers of ``text``."""
+        if not text.isascii():
+            text = text.translate(_UNICODE_DIGITS)
+        if self.strip_thousands:
+            text = _THOUSANDS.sub("", text)
+        return text

@@ -13,6 +13,7 @@ import unicodedata
 
 from datatrove.data import Document
 from datatrove.pipeline.filters.base_filter import BaseFilter
+from datatrove.pipeline.writers.disk_base import DiskWriter
 
 #: Metadata key holding the hash (internal: ``_dp_`` keys are not written to the final output).
 TEXT_HASH_KEY = "_dp_text_hash"
@@ -39,8 +40,8 @@ class ExactDedupFilter(BaseFilter):
 
     name = "🫂 exact dedup"
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, exclusion_writer: DiskWriter | None = None) -> None:
+        super().__init__(exclusion_writer)
         self._seen: set[str] = set()
 
     def filter(self, doc: Document) -> bool | tuple[bool, str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from datatrove.data import Document
 from datatrove.pipeline.filters.base_filter import BaseFilter
+from datatrove.pipeline.writers.disk_base import DiskWriter
 
 _NON_PRINTABLE = frozenset(
     [chr(c) for c in range(0x20) if chr(c) not in "\t\n\r\f"]
@@ -34,8 +35,8 @@ class NonPrintableFilter(BaseFilter):
 
     name = "👾 non-printable filter"
 
-    def __init__(self, max_frac: float = 0.05) -> None:
-        super().__init__()
+    def __init__(self, max_frac: float = 0.05, exclusion_writer: DiskWriter | None = None) -> None:
+        super().__init__(exclusion_writer)
         self.max_frac = max_frac
 
     def filter(self, doc: Document) -> bool | tuple[bool, str]:
@@ -54,8 +55,10 @@ class LengthFilter(BaseFilter):
 
     name = "📏 length filter"
 
-    def __init__(self, min_chars: int = 1, max_chars: int = 1_000_000) -> None:
-        super().__init__()
+    def __init__(
+        self, min_chars: int = 1, max_chars: int = 1_000_000, exclusion_writer: DiskWriter | None = None
+    ) -> None:
+        super().__init__(exclusion_writer)
         self.min_chars = min_chars
         self.max_chars = max_chars
 
@@ -78,8 +81,8 @@ class LongLineFilter(BaseFilter):
 
     name = "📐 long line filter"
 
-    def __init__(self, max_line_chars: int = 10_000) -> None:
-        super().__init__()
+    def __init__(self, max_line_chars: int = 10_000, exclusion_writer: DiskWriter | None = None) -> None:
+        super().__init__(exclusion_writer)
         self.max_line_chars = max_line_chars
 
     def filter(self, doc: Document) -> bool | tuple[bool, str]:

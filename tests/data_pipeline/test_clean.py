@@ -29,6 +29,23 @@ PUNCT = "This is amazing!!!!!!! Really???? Wait...... what,,,,, happened here in
 MARKDOWN = "# Title\n\nSome text under the title.\n\n\n\n\n\n- item one\n- item two\n\n    indented code block\n\n$$x^2 + y^2$$"
 
 
+#: Formatting and reading only: the quality, language and near-duplicate filters (tested in
+#: test_filters.py / test_planted_junk.py) would drop these short snippets.
+RULES_ONLY = {
+    "garbled_filter": False,
+    "language": {"enabled": False},
+    "gopher_repetition": {"enabled": False},
+    "gopher_quality": {"enabled": False},
+    "c4": {"enabled": False},
+    "fineweb": {"enabled": False},
+    "minhash": {"enabled": False},
+}
+
+
+def rules_only(**overrides: object) -> CleanConfig:
+    return CleanConfig.from_dict(RULES_ONLY | overrides)
+
+
 def _line(**record: object) -> bytes:
     return json.dumps(record).encode() + b"\n"
 
@@ -79,7 +96,7 @@ def _check_balanced(stats: dict) -> None:
 
 def test_run_clean_end_to_end(raw_input: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    stats = run_clean([raw_input], out)
+    stats = run_clean([raw_input], out, rules_only())
     docs = _read_output(out)
 
     assert set(docs) == {"prose", "code", "html", "urls", "punct", "markdown"}
@@ -118,7 +135,7 @@ def test_run_clean_end_to_end(raw_input: Path, tmp_path: Path) -> None:
 
     # a re-run skips every finished task and reports the same numbers
     before = {p: p.stat().st_mtime_ns for p in (out / "output").iterdir()}
-    assert run_clean([raw_input], out) == stats
+    assert run_clean([raw_input], out, rules_only()) == stats
     assert {p: p.stat().st_mtime_ns for p in (out / "output").iterdir()} == before
 
 
@@ -126,7 +143,7 @@ def test_dedup_is_global_across_tasks(tmp_path: Path) -> None:
     texts = [f"Document number {i} has enough words to be kept by the length filter." for i in range(20)]
     path = tmp_path / "in.jsonl"
     path.write_text("".join(json.dumps({"id": str(i), "text": texts[i % 7]}) + "\n" for i in range(20)))
-    cfg = CleanConfig(tasks=3, workers=2, compress_output=True)
+    cfg = rules_only(tasks=3, workers=2, compress_output=True)
     stats = run_clean([path], tmp_path / "out", cfg)
     _check_balanced(stats)
     kept = [
@@ -139,9 +156,9 @@ def test_dedup_is_global_across_tasks(tmp_path: Path) -> None:
 
 
 def test_changed_settings_refuse_to_resume(raw_input: Path, tmp_path: Path) -> None:
-    run_clean([raw_input], tmp_path / "out", CleanConfig(dedup=False))
+    run_clean([raw_input], tmp_path / "out", rules_only(dedup=False))
     with pytest.raises(ValueError, match="other inputs or settings"):
-        run_clean([raw_input], tmp_path / "out", CleanConfig(dedup=True))
+        run_clean([raw_input], tmp_path / "out", rules_only(dedup=True))
 
 
 def test_config_validation() -> None:
@@ -158,7 +175,7 @@ def test_long_lines_and_corrupt_gzip_are_quarantined(tmp_path: Path) -> None:
     )
     corrupt = tmp_path / "b.jsonl.gz"
     corrupt.write_bytes(gzip.compress(_line(id="z", text=PROSE) * 50)[:60])  # truncated stream
-    stats = run_clean([good, corrupt], tmp_path / "out", CleanConfig(max_record_bytes=1000))
+    stats = run_clean([good, corrupt], tmp_path / "out", rules_only(max_record_bytes=1000))
     _check_balanced(stats)
     assert set(_read_output(tmp_path / "out")) == {"ok", "ok2"}
     reasons = stats["stages"]["reader"]["reasons"]
