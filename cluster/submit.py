@@ -94,4 +94,4 @@ def _tag_existing_run(config, run_dir: Path, job_id: str) -> None:
         logger.warning("could not tag the MLflow run with job %s: %s", job_id, exc)
 
 
-__all__ = ["ConfigError", "SlurmError", "SubmitOptions", "Submission", "submit"]
+__all__ = ["ConfigError", "SlurmError", "Submission", "SubmitOptions", "submit"]
