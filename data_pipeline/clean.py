@@ -590,14 +590,19 @@ def _count(value: Any) -> int:
     return int(value.get("total", 0) if isinstance(value, dict) else value)
 
 
-def _stage_counts(raw: dict[str, Any]) -> dict[str, Any]:
+def _stage_counts(raw: dict[str, Any], name: str = "") -> dict[str, Any]:
     """Map one step's counters to ``in/kept/dropped/quarantined`` (filters and writers count
-    ``total``/``forwarded`` instead of ``in``/``kept``)."""
+    ``total``/``forwarded`` instead of ``in``/``kept``). Drops without a reason (datatrove's
+    MinHash filter gives none) are filed under ``dropped_<step name>``, so the reasons always
+    add up to ``dropped + quarantined``."""
     counts = {k: _count(v) for k, v in raw.items()}
     n_in = counts.get("in", counts.get("total", 0))
     dropped, quarantined = counts.get("dropped", 0), counts.get("quarantined", 0)
     kept = counts.get("kept", counts.get("forwarded", n_in - dropped - quarantined))
     reasons = {k: v for k, v in counts.items() if k.startswith(("dropped_", "quarantined_"))}
+    unexplained = dropped - sum(v for k, v in reasons.items() if k.startswith("dropped_"))
+    if unexplained > 0:
+        reasons[f"dropped_{name or 'unspecified'}"] = unexplained
     hidden = {"in", "kept", "dropped", "quarantined", "total", "forwarded", "doc_len", "doc_len_tokens"}
     others = {k: v for k, v in counts.items() if k not in hidden and k not in reasons and "XXXXX" not in k}
     return {"in": n_in, "kept": kept, "dropped": dropped, "quarantined": quarantined, "reasons": reasons} | (
@@ -624,7 +629,7 @@ def collect_stats(output_dir: Path, stages: list[Stage]) -> dict:
     out: dict[str, Any] = {"stages": {}}
     for stage_name, steps in stages:
         for (name, _), raw in zip(steps, _sum_stage(output_dir, stage_name, len(steps))):
-            out["stages"][name] = _stage_counts(raw)
+            out["stages"][name] = _stage_counts(raw, name)
     per_stage = list(out["stages"].values())
     out["totals"] = {
         "in": per_stage[0]["in"],
