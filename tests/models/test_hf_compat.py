@@ -14,6 +14,7 @@ import math
 import os
 import pickle
 import shlex
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,16 @@ from pretrain.models.transnormer.hf import (
     load_hf_state_dict,
     save_hf,
 )
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny models: one thread is faster, and immune to oversubscribed CI machines."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 # ----------------------------------------------------------------------------- reference forward
 
