@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from parallel.cpu_shims import apply_cpu_shims
 from parallel.topology import Topology
-from pretrain.models.transnormer.attention import linear_attention
+from pretrain.models.transnormer import model as tnl_model
 from pretrain.models.transnormer.model import SGLU, GatedLinearAttention, TransNormerLLM
 
 
@@ -205,7 +205,8 @@ class TensorParallelGLA(nn.Module):
         q, k, v = (t.reshape(b, n, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
         if self.lrpe is not None:
             q, k = self.lrpe(q, 0), self.lrpe(k, 0)
-        o = linear_attention(q, k, v, self.slope, block_size=self.block_size)
+        # the kernel entry the plain model uses, looked up at call time so both stay on one kernel
+        o = tnl_model.linear_attention(q, k, v, self.slope, block_size=self.block_size)
         o = o.transpose(1, 2).reshape(b, n, -1)
         y = self.norm(o) * u
         if self.sequence_parallel:
