@@ -1,19 +1,25 @@
 """The block (Lightning Attention-2) and recurrent forms of decayed linear attention against
-the masked quadratic reference, forward and backward, and the decay schedule."""
+the masked quadratic reference, forward and backward, backend selection, and the decay schedule.
+
+Inputs are fresh random tensors on every run (no fixed seed)."""
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
 import torch
 
+from pretrain.models.transnormer import attention as attention_module
 from pretrain.models.transnormer.attention import (
     linear_attention,
     linear_attention_naive,
     linear_attention_step,
+    resolve_backend,
     slopes_for_layer,
 )
+from pretrain.models.transnormer.kernels.torch_la2 import _scan
 
 B_, H_, D_, E_ = 2, 3, 8, 5  # batch, heads, q/k width, v width (e != d on purpose)
 
@@ -33,7 +39,7 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5) -> 
     torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=rtol * scale)
 
 
-@pytest.mark.parametrize("block_size", [16, 64])
+@pytest.mark.parametrize("block_size", [5, 16, 64])
 @pytest.mark.parametrize("n", [1, 7, 64, 100, 257])
 def test_block_form_matches_naive_forward_and_backward(n: int, block_size: int) -> None:
     q, k, v, slope = _inputs(n)
@@ -104,10 +110,84 @@ def test_low_precision_inputs_return_input_dtype() -> None:
     _close(out, ref, rtol=1e-2)
 
 
+def _naive_state(k: torch.Tensor, v: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:
+    """``sum_t lambda^(n - 1 - t) k_t^T v_t`` by the recurrence, in fp64."""
+    kv = torch.zeros(k.shape[0], k.shape[1], k.shape[-1], v.shape[-1], dtype=torch.float64)
+    for t in range(k.shape[2]):
+        kv = torch.exp(-slope.double())[:, None, None] * kv + k[:, :, t, :, None] * v[:, :, t, None, :]
+    return kv
+
+
+@pytest.mark.parametrize("n", [1, 50, 300])
+def test_gradients_through_initial_and_final_state(n: int) -> None:
+    """Prefill / context-parallel use: gradients flow into ``initial_state`` and out of the final state."""
+    q, k, v, slope = _inputs(n)
+    s0 = torch.randn(B_, H_, D_, E_)
+    grad_out, grad_kv = torch.randn(B_, H_, n, E_), torch.randn(B_, H_, D_, E_)
+
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, s0)]
+    out, kv = linear_attention(*leaves[:3], slope, block_size=16, initial_state=leaves[3], return_state=True)
+    ((out * grad_out).sum() + (kv * grad_kv).sum()).backward()
+
+    ref_leaves = [t.double().requires_grad_() for t in (q, k, v, s0)]
+    rq, rk, rv, rs0 = ref_leaves
+    pos = torch.arange(1, n + 1, dtype=torch.float64)
+    decay = torch.exp(-slope.double()[:, None] * pos)[:, :, None]  # lambda^(p + 1)
+    ref = linear_attention_naive(rq, rk, rv, slope.double()) + (rq * decay) @ rs0
+    ref_kv = _naive_state(rk, rv, slope) + torch.exp(-slope.double() * n)[:, None, None] * rs0
+    ((ref * grad_out.double()).sum() + (ref_kv * grad_kv.double()).sum()).backward()
+
+    _close(out, ref)
+    _close(kv, ref_kv)
+    for leaf, ref_leaf in zip(leaves, ref_leaves, strict=True):
+        _close(leaf.grad, ref_leaf.grad)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("nb", [1, 2, 7, 16, 17, 125])
+def test_chunked_state_scan_matches_recurrence(nb: int, reverse: bool) -> None:
+    feat = 6
+    x = torch.randn(B_, H_, nb, feat, dtype=torch.float64)
+    log_decay = -torch.tensor([0.5, 0.03, 1e-5], dtype=torch.float64) * 16
+    init = torch.randn(B_, H_, feat, dtype=torch.float64)
+    out = _scan(x.float(), log_decay.float(), reverse=reverse, init=init.float())
+    state, expected = init.clone(), [torch.empty(0)] * nb
+    for t in reversed(range(nb)) if reverse else range(nb):
+        expected[t] = state.clone()
+        state = log_decay.exp()[:, None] * state + x[:, :, t]
+    _close(out, torch.stack(expected, dim=2))
+
+
 def test_unknown_backend_names_valid_ones() -> None:
     q, k, v, slope = _inputs(4)
     with pytest.raises(ValueError, match="torch"):
         linear_attention(q, k, v, slope, backend="cuda-magic")
+
+
+def test_auto_backend_is_torch_on_cpu_and_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    attention_module._auto_backend.cache_clear()
+    q, k, v, slope = _inputs(9)
+    with caplog.at_level(logging.INFO, logger=attention_module.__name__):
+        out = linear_attention(q, k, v, slope, backend="auto")
+        linear_attention(q, k, v, slope, backend="auto")
+    assert resolve_backend("auto", q.device) == "torch"
+    assert [r.getMessage() for r in caplog.records].count(
+        "linear attention backend 'auto' on cpu tensors: using 'torch'"
+    ) == 1
+    torch.testing.assert_close(out, linear_attention(q, k, v, slope, backend="torch"))
+
+
+def test_gpu_backends_on_cpu_say_what_is_needed(monkeypatch: pytest.MonkeyPatch) -> None:
+    q, k, v, slope = _inputs(4)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+        linear_attention(q, k, v, slope, backend="lightning")
+    monkeypatch.setattr(attention_module, "_importable", lambda module: module != "fla")
+    with pytest.raises(RuntimeError, match="pip install fla-core"):
+        linear_attention(q, k, v, slope, backend="fla")
+    monkeypatch.setattr(attention_module, "_importable", lambda module: False)
+    with pytest.raises(RuntimeError, match="pip install lightning-attn"):
+        linear_attention(q, k, v, slope, backend="lightning")
 
 
 @pytest.mark.parametrize("n_heads", [1, 2, 8, 32])

@@ -8,7 +8,8 @@ with no ``1/sqrt(d)`` scaling of ``q``:
 
 * :func:`linear_attention_naive` - the masked quadratic reference ``((Q K^T) * M) V``.
 * :func:`linear_attention` - the block-wise Lightning Attention-2 form used for training and
-  prefill: exact intra-block attention plus an fp32 running ``KV`` state across blocks.
+  prefill: exact intra-block attention plus an fp32 running ``KV`` state across blocks, on one
+  of several backends (plain PyTorch, or Triton kernels on GPUs; see :func:`resolve_backend`).
 * :func:`linear_attention_step` - the recurrent form for one token (constant-memory decoding).
 
 Shapes: ``q, k`` are ``(b, H, n, d)``, ``v`` is ``(b, H, n, e)``, ``slope`` is ``(H,)`` and the
@@ -17,13 +18,27 @@ state ``kv`` is ``(b, H, d, e)`` in fp32.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import logging
 import math
+import os
 
 import torch
 from torch import Tensor
 
-BACKENDS = ("torch",)
+from pretrain.models.transnormer.kernels.torch_la2 import DEFAULT_BLOCK_SIZE, lightning_attention_torch
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "torch", "lightning", "fla")
 """Valid values of ``linear_attention(..., backend=...)``."""
+
+_GPU_BACKENDS = {
+    "lightning": ("lightning_attn", "lightning-attn==0.0.5 triton (or tnl-platform[kernels])"),
+    "fla": ("fla", "fla-core triton"),
+}
+"""GPU backend -> (module to import, what to pip install)."""
 
 
 def _alibi_slopes(n: int) -> list[float]:
@@ -119,53 +134,88 @@ def linear_attention_step(
     return o.to(q.dtype), kv
 
 
-def _linear_attention_torch(
-    q: Tensor, k: Tensor, v: Tensor, slope: Tensor, block_size: int, initial_state: Tensor | None
-) -> tuple[Tensor, Tensor]:
-    """Lightning Attention-2 in plain PyTorch; returns ``(o fp32, final kv fp32)``.
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
-    The sequence is padded with zeros at the *front* to a multiple of the block size: zero keys
-    and values add nothing to later outputs or to the state, so the final state is exact.
+
+@functools.cache
+def _auto_backend(device_type: str) -> str:
+    """The backend ``"auto"`` resolves to on a device type; logged once per device type."""
+    if device_type == "cuda" and _importable("lightning_attn") and _importable("triton"):
+        choice = "lightning"
+    elif device_type == "cuda" and _importable("fla"):
+        choice = "fla"
+    else:
+        choice = "torch"
+    logger.info("linear attention backend 'auto' on %s tensors: using %r", device_type, choice)
+    return choice
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend that ``linear_attention(..., backend=backend)`` runs on ``device``.
+
+    ``"auto"``: on CUDA ``"lightning"`` if ``lightning-attn`` is importable, else ``"fla"`` if
+    ``fla-core`` is, else ``"torch"``; on any other device always ``"torch"``.
+
+    Args:
+        backend: One of :data:`BACKENDS`.
+        device: Device of the inputs.
+
+    Returns:
+        ``"torch"``, ``"lightning"`` or ``"fla"``.
+
+    Raises:
+        ValueError: On an unknown backend name.
+        RuntimeError: If an explicitly requested GPU backend is not installed or cannot run on
+            ``device``.
     """
-    b, H, n, d = q.shape
-    e = v.shape[-1]
-    B = min(block_size, n)
-    pad = (-n) % B
-    q, k, v = (x.float() for x in (q, k, v))
-    if pad:
-        q, k, v = (torch.nn.functional.pad(x, (0, 0, pad, 0)) for x in (q, k, v))
-    nb = (n + pad) // B
-    q = q.view(b, H, nb, B, d)
-    k = k.view(b, H, nb, B, d)
-    v = v.view(b, H, nb, B, e)
-    s = slope.float().to(q.device)[:, None]  # (H, 1)
+    if backend not in BACKENDS:
+        raise ValueError(
+            f"unknown linear attention backend {backend!r}; valid backends: {', '.join(BACKENDS)}"
+        )
+    if backend == "auto":
+        return _auto_backend(device.type)
+    if backend == "torch":
+        return backend
+    package, install = _GPU_BACKENDS[backend]
+    if not _importable(package):
+        raise RuntimeError(
+            f"linear attention backend {backend!r} needs the {package!r} package: pip install {install}"
+        )
+    interpreted = backend == "lightning" and os.environ.get("TRITON_INTERPRET") == "1"
+    if device.type != "cuda" and not interpreted:
+        raise RuntimeError(
+            f"linear attention backend {backend!r} runs Triton GPU kernels and needs CUDA tensors, "
+            f"got {device.type}; use backend='torch' or 'auto'"
+        )
+    return backend
 
-    # Decay masks, built once per call. j = 1..B is the 1-based position inside a block.
-    j = torch.arange(1, B + 1, device=q.device, dtype=torch.float32)
-    diff = j[:, None] - j[None, :]
-    intra = torch.exp(-s[:, :, None] * diff.clamp(min=0)) * (diff >= 0)  # (H, B, B)
-    q_decay = torch.exp(-s * j)[:, None, :, None]  # (H, 1, B, 1): lambda^j
-    k_decay = torch.exp(-s * (B - j))[:, None, :, None]  # (H, 1, B, 1): lambda^(B - j)
-    block_decay = torch.exp(-s * B)[:, :, None]  # (H, 1, 1): lambda^B
 
-    # Intra-block: exact masked attention inside each block, all blocks in one batched matmul.
-    o = ((q @ k.transpose(-1, -2)) * intra[:, None]) @ v
-    # Each block's contribution to the running state, then a (short) scan over blocks.
-    kv_blocks = (k * k_decay).transpose(-1, -2) @ v  # (b, H, nb, d, e)
-    kv = q.new_zeros(b, H, d, e)
-    states = []
-    for t in range(nb):
-        states.append(kv)
-        kv = block_decay * kv + kv_blocks[:, :, t]
-    # Inter-block: (Q_t * lambda^j) @ KV_{before t}.
-    o = o + (q * q_decay) @ torch.stack(states, dim=2)
-    o = o.view(b, H, nb * B, e)[:, :, pad:]
+def _final_state(k: Tensor, v: Tensor, slope: Tensor) -> Tensor:
+    """State after the last token from a zero start: ``sum_t lambda^(n - 1 - t) k_t^T v_t`` (fp32)."""
+    n = k.shape[2]
+    age = torch.arange(n - 1, -1, -1, device=k.device, dtype=torch.float32)
+    weight = torch.exp(-slope.float().to(k.device)[:, None] * age)[:, :, None]  # (H, n, 1)
+    return (k.float() * weight).transpose(-1, -2) @ v.float()
 
-    if initial_state is not None:
-        # A state carried in from earlier tokens reaches position p (0-based) decayed by lambda^(p+1).
-        s0 = initial_state.float()
-        pos = torch.arange(1, n + 1, device=q.device, dtype=torch.float32)
-        o = o + (q.view(b, H, -1, d)[:, :, pad:] * torch.exp(-s * pos)[:, :, None]) @ s0
+
+def _continue_from(
+    o: Tensor, kv: Tensor | None, q: Tensor, slope: Tensor, initial_state: Tensor
+) -> tuple[Tensor, Tensor | None]:
+    """Add the contribution of a state carried in from earlier tokens.
+
+    It reaches position ``p`` (0-based) decayed by ``lambda^(p + 1)`` and the final state by
+    ``lambda^n``. Plain differentiable torch ops.
+    """
+    n = q.shape[2]
+    s = slope.float().to(q.device)[:, None]
+    pos = torch.arange(1, n + 1, device=q.device, dtype=torch.float32)
+    s0 = initial_state.float()
+    o = (o.float() + (q.float() * torch.exp(-s * pos)[:, :, None]) @ s0).to(o.dtype)
+    if kv is not None:
         kv = kv + torch.exp(-s * n)[:, :, None] * s0
     return o, kv
 
@@ -177,7 +227,7 @@ def linear_attention(
     slope: Tensor,
     *,
     backend: str = "torch",
-    block_size: int = 64,
+    block_size: int = DEFAULT_BLOCK_SIZE,
     initial_state: Tensor | None = None,
     return_state: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
@@ -189,8 +239,12 @@ def linear_attention(
         KV  = lambda^B KV + (K_t * lambda^(B - j))^T V_t
 
     Cost ``O(n B d + n d e)``, memory ``O(n)``. Any ``n >= 1`` works (not only multiples of ``B``)
-    and ``e`` may differ from ``d``. Computed in fp32, returned in the input dtype. The backward
-    pass is autograd through the block form.
+    and ``e`` may differ from ``d``. Forward and backward agree with
+    :func:`linear_attention_naive` to fp32 rounding.
+
+    Backends (see :func:`resolve_backend`): ``"torch"`` (plain PyTorch with a hand-written
+    backward, any device, computed in fp32), ``"lightning"`` (the authors' Triton kernels,
+    ``lightning-attn``), ``"fla"`` (``fla-core``'s ``chunk_simple_gla``), ``"auto"``.
 
     Args:
         q: Queries ``(b, H, n, d)`` (not scaled).
@@ -198,37 +252,49 @@ def linear_attention(
         v: Values ``(b, H, n, e)``.
         slope: Positive decay rates ``(H,)``; the decay per step is ``exp(-slope)``.
         backend: Implementation; one of :data:`BACKENDS`.
-        block_size: Block size ``B``.
+        block_size: Block size ``B`` of the torch backend (the Triton kernels use their own).
         initial_state: Optional fp32 state ``(b, H, d, e)`` of earlier tokens (e.g. a previous chunk).
         return_state: Also return the fp32 state after the last token, for decoding to continue.
 
     Returns:
-        ``o`` of shape ``(b, H, n, e)``, or ``(o, kv)`` with ``kv`` ``(b, H, d, e)`` fp32 when
-        ``return_state`` is set.
+        ``o`` of shape ``(b, H, n, e)`` in the dtype of ``q``, or ``(o, kv)`` with ``kv``
+        ``(b, H, d, e)`` fp32 when ``return_state`` is set.
 
     Raises:
         ValueError: On an unknown backend, a non-positive block size or mismatched shapes.
+        RuntimeError: If the requested GPU backend is not installed or the tensors are not on CUDA.
     """
-    if backend not in BACKENDS:
-        raise ValueError(
-            f"unknown linear attention backend {backend!r}; valid backends: {', '.join(BACKENDS)}"
-        )
+    name = resolve_backend(backend, q.device)
     if block_size < 1:
         raise ValueError(f"block_size must be positive, got {block_size}")
     _check_shapes(q, k, v, slope)
     b, H, n, d = q.shape
-    if initial_state is not None and initial_state.shape != (b, H, d, v.shape[-1]):
+    e = v.shape[-1]
+    if initial_state is not None and initial_state.shape != (b, H, d, e):
         raise ValueError(
-            f"initial_state must be (b, H, d, e) = {(b, H, d, v.shape[-1])}; got {tuple(initial_state.shape)}"
+            f"initial_state must be (b, H, d, e) = {(b, H, d, e)}; got {tuple(initial_state.shape)}"
         )
     if n == 0:
-        o = v.new_zeros(v.shape)
         kv = (
             initial_state.float()
             if initial_state is not None
-            else q.new_zeros(b, H, d, v.shape[-1], dtype=torch.float32)
+            else q.new_zeros(b, H, d, e, dtype=torch.float32)
         )
+        return (v.new_zeros(v.shape), kv) if return_state else v.new_zeros(v.shape)
+
+    kv: Tensor | None
+    if name == "fla":
+        from pretrain.models.transnormer.kernels.fla import fla_attention
+
+        o, kv = fla_attention(q, k, v, slope, initial_state, return_state)
     else:
-        o, kv = _linear_attention_torch(q, k, v, slope, block_size, initial_state)
-        o = o.to(q.dtype)
+        if name == "lightning":
+            from pretrain.models.transnormer.kernels.lightning import lightning_attention_triton
+
+            o = lightning_attention_triton(q, k, v, slope)
+            kv = _final_state(k, v, slope) if return_state else None
+        else:
+            o, kv = lightning_attention_torch(q, k, v, slope, block_size)
+        if initial_state is not None:
+            o, kv = _continue_from(o, kv, q, slope, initial_state)
     return (o, kv) if return_state else o
