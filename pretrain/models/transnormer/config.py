@@ -6,7 +6,7 @@ corresponds to is given in its docstring so checkpoints can be mapped.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, model_validator
 
@@ -54,7 +54,16 @@ class TransNormerConfig(Config):
     """Standard deviation of the normal init of every Linear and Embedding weight (HF ``init_std``)."""
 
     attention_block_size: int = Field(default=64, gt=0)
-    """Block size ``B`` of the Lightning Attention-2 form used in training and prefill."""
+    """Block size ``B`` of the Lightning Attention-2 form used in training and prefill by the
+    ``torch`` attention backend (the Triton kernels use their own block size). 64 was the fastest
+    on the 2-core development CPU (see ``bench/bench_attention.py``)."""
+
+    attention_backend: Literal["auto", "torch", "lightning", "fla"] = "auto"
+    """Implementation of the linear attention in training and prefill: ``torch`` (plain PyTorch,
+    any device), ``lightning`` (the authors' Triton kernels, ``pip install lightning-attn``),
+    ``fla`` (flash-linear-attention's ``chunk_simple_gla``, ``pip install fla-core``), or ``auto``:
+    on CUDA ``lightning`` if installed, else ``fla`` if installed, else ``torch``; on CPU ``torch``.
+    All compute the same function; decoding always uses the recurrent form."""
 
     @property
     def gla_dim(self) -> int:

@@ -21,16 +21,30 @@ from torch import Tensor, nn
 
 from pretrain.models.transnormer.attention import linear_attention, linear_attention_step, slopes_for_layer
 from pretrain.models.transnormer.config import TransNormerConfig
+from pretrain.models.transnormer.kernels import triton_available
 
 
 class SRMSNorm(nn.Module):
-    """Simple RMSNorm ``x * rsqrt(mean(x^2, -1) + eps)``: no gain, computed in fp32."""
+    """Simple RMSNorm ``x * rsqrt(mean(x^2, -1) + eps)``: no gain, computed in fp32.
+
+    On CUDA tensors (with Triton installed) it runs the fused Triton kernels of
+    :mod:`~pretrain.models.transnormer.kernels.srmsnorm_triton`; elsewhere the plain
+    PyTorch expression, which is also their reference.
+    """
 
     def __init__(self, eps: float = 1e-6) -> None:
         super().__init__()
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.is_cuda and triton_available():
+            from pretrain.models.transnormer.kernels.srmsnorm_triton import srmsnorm_triton
+
+            return srmsnorm_triton(x, self.eps)
+        return self.forward_plain(x)
+
+    def forward_plain(self, x: Tensor) -> Tensor:
+        """The unfused PyTorch expression (any device)."""
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
@@ -88,6 +102,7 @@ class GatedLinearAttention(nn.Module):
         self.n_heads = config.n_heads
         self.head_dim = config.head_dim
         self.block_size = config.attention_block_size
+        self.backend = config.attention_backend
         width = config.gla_dim
         self.qkvu_proj = nn.Linear(config.d_model, 4 * width, bias=False)
         self.out_proj = nn.Linear(width, config.d_model, bias=False)
@@ -129,7 +144,9 @@ class GatedLinearAttention(nn.Module):
     def forward(self, x: Tensor, *, return_state: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Block-form mixing of ``x`` ``(b, n, d)`` from position 0; optionally also the final state."""
         q, k, v, u = self._project(x, 0)
-        out = linear_attention(q, k, v, self.slope, block_size=self.block_size, return_state=return_state)
+        out = linear_attention(
+            q, k, v, self.slope, backend=self.backend, block_size=self.block_size, return_state=return_state
+        )
         if return_state:
             o, kv = out
             return self._output(o, u), kv
