@@ -38,7 +38,7 @@ def _batch(vocab: int, seed: int = 7):
     return tokens, labels, mask
 
 
-def _check_exact(rank: int, world_size: int) -> dict[str, float]:
+def _check_exact(rank: int, topo) -> dict[str, float]:
     """Max relative errors of logits and every parameter gradient, per variant."""
     from parallel.tensor import (
         apply_tensor_parallel,
@@ -47,10 +47,8 @@ def _check_exact(rank: int, world_size: int) -> dict[str, float]:
         gather_tensor,
         tp_token_loss,
     )
-    from parallel.topology import Topology
     from pretrain.trainer.train_module import token_loss
 
-    topo = Topology(tp=world_size, pp=1, cp=1, world_size=world_size).build()
     errors: dict[str, float] = {}
     variants = {
         "tp": (_config(), False),
@@ -82,21 +80,22 @@ def _check_exact(rank: int, world_size: int) -> dict[str, float]:
                 assert torch.equal(full_state[k], v), k
         else:
             assert full_state == {}
-    topo.destroy()
     return errors
 
 
-def _check_reshard(rank: int, world_size: int, tmp: str) -> None:
+def _check_reshard(rank: int, topo) -> dict[str, float]:
     """Save at tp=2 (gathered) -> load into a plain model; plain state -> load into a tp=2 model."""
+    import io
+
+    import torch.distributed as dist
+
     from parallel.tensor import (
         apply_tensor_parallel,
         gather_full_state_dict,
         gather_logits,
         load_full_state_dict,
     )
-    from parallel.topology import Topology
 
-    topo = Topology(tp=world_size, pp=1, cp=1, world_size=world_size).build()
     cfg = _config()
     tokens, _, _ = _batch(cfg.vocab_size)
 
@@ -107,23 +106,39 @@ def _check_reshard(rank: int, world_size: int, tmp: str) -> None:
         for p in tp_model.parameters():
             p.add_(0.01 * torch.randn_like(p))  # rank-specific: shards differ from the init
     full = gather_full_state_dict(tp_model, topo)
+    box = [None]
     if rank == 0:
-        torch.save(full, f"{tmp}/tp2.pt")
-    torch.distributed.barrier()
+        buf = io.BytesIO()
+        torch.save(full, buf)  # the checkpoint file every rank reads
+        box = [buf.getvalue()]
+    dist.broadcast_object_list(box, src=0)
     plain = cfg.build()
-    plain.load_state_dict(torch.load(f"{tmp}/tp2.pt"))
-    got = gather_logits(tp_model(tokens), topo)
-    assert _rel(got, plain(tokens).detach()) < TOL
+    plain.load_state_dict(torch.load(io.BytesIO(box[0])))
+    errors = {"tp2_to_tp1": _rel(gather_logits(tp_model(tokens), topo), plain(tokens).detach())}
 
     # tp=1 -> tp=2: a plain model with other weights, loaded shard-wise
     torch.manual_seed(123)
     other = cfg.build()
     load_full_state_dict(tp_model, other.state_dict(), topo)
-    got = gather_logits(tp_model(tokens), topo)
-    assert _rel(got, other(tokens).detach()) < TOL
+    errors["tp1_to_tp2"] = _rel(gather_logits(tp_model(tokens), topo), other(tokens).detach())
     with pytest.raises(KeyError, match="missing"):
         load_full_state_dict(tp_model, {}, topo)
+    return errors
+
+
+def _run_all(rank: int, world_size: int) -> dict[str, dict[str, float]]:
+    from parallel.topology import Topology
+
+    topo = Topology(tp=world_size, pp=1, cp=1, world_size=world_size).build()
+    out = {"exact": _check_exact(rank, topo), "reshard": _check_reshard(rank, topo)}
     topo.destroy()
+    return out
+
+
+@pytest.fixture(scope="module")
+def tp2_results() -> list[dict[str, dict[str, float]]]:
+    """One 2-process run serves every test below (process start-up dominates the cost)."""
+    return run_distributed(_run_all, 2)
 
 
 def test_shard_unshard_roundtrip_with_stride() -> None:
@@ -137,8 +152,8 @@ def test_shard_unshard_roundtrip_with_stride() -> None:
     assert torch.equal(unshard([shard(full, 1, 1, r, 3) for r in range(3)], 1, 1), full)
 
 
-def test_tp2_logits_and_grads_match_single_process() -> None:
-    errors = run_distributed(_check_exact, 2)
+def test_tp2_logits_and_grads_match_single_process(tp2_results) -> None:
+    errors = [r["exact"] for r in tp2_results]
     for rank_errors in errors:
         bad = {k: v for k, v in rank_errors.items() if v > TOL}
         assert not bad, bad
@@ -148,5 +163,7 @@ def test_tp2_logits_and_grads_match_single_process() -> None:
     assert len(names) == 2 + 2 * 5 + 1
 
 
-def test_tp2_checkpoint_reshards_both_ways(tmp_path) -> None:
-    run_distributed(_check_reshard, 2, str(tmp_path))
+def test_tp2_checkpoint_reshards_both_ways(tp2_results) -> None:
+    for r in tp2_results:
+        assert set(r["reshard"]) == {"tp2_to_tp1", "tp1_to_tp2"}
+        assert max(r["reshard"].values()) < TOL, r["reshard"]
