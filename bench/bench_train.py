@@ -1,37 +1,72 @@
-"""Training throughput and decode latency of TransNormerLLM on this machine.
+"""Training throughput and MFU: TransNormerLLM vs the softmax-attention baseline, same shapes.
 
-Times the real training step (``TrainModule.train_step``: forward, backward, clipping, AdamW)
-and the recurrent decoder, median of several passes, and prints a table plus JSON.
+Times the real training step (``TrainModule.train_step``: forward, backward, clipping, AdamW) in
+fp32; median over passes of the mean step time of a pass. MFU uses the same FLOP count as
+training (each config's ``flops_per_token``) and ``pretrain.trainer.flops.peak_flops``.
+Decode latency against context length is measured by ``bench/bench_decode.py``.
 
-    .venv/bin/python bench/bench_train.py [--threads 2] [--passes 3] [--out bench/results/train.json]
+    .venv/bin/python bench/bench_train.py [--threads 2] [--passes 3] [--no-large]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from pretrain.data.loader import Batch
+from pretrain.models.softmax import SoftmaxConfig
 from pretrain.models.transnormer import TransNormerConfig
 from pretrain.trainer.config import TrainConfig
+from pretrain.trainer.flops import peak_flops
 from pretrain.trainer.train_module import TrainModule
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One model shape, built as TransNormerLLM and as the softmax baseline."""
+
+    vocab: int
+    d: int
+    layers: int
+    heads: int
+    ffn: int
+    tied: bool = False
+    large: bool = False
+    """Slow on CPU: one pass of two steps instead of ``--passes`` x ``--steps``."""
+
+    def tnl(self) -> TransNormerConfig:
+        return TransNormerConfig(vocab_size=self.vocab, d_model=self.d, n_layers=self.layers,
+                                 n_heads=self.heads, glu_dim=self.ffn, tie_word_embeddings=self.tied)  # fmt: skip
+
+    def softmax(self) -> SoftmaxConfig:
+        return SoftmaxConfig(vocab_size=self.vocab, d_model=self.d, n_layers=self.layers,
+                             n_heads=self.heads, ffn_dim=self.ffn, tie_word_embeddings=self.tied)  # fmt: skip
+
 
 SHAPES = {
     # the quickstart / configs/tnl-tiny.yaml model
-    "tnl-tiny": TransNormerConfig(vocab_size=4096, d_model=128, n_layers=4, n_heads=4, glu_dim=352),
-    # the shape of the peer figures in the platform notes (4 layers, d=256, 4 heads, glu 704, vocab 8000)
-    "tnl-peer": TransNormerConfig(vocab_size=8000, d_model=256, n_layers=4, n_heads=4, glu_dim=704),
+    "tiny": Shape(vocab=4096, d=128, layers=4, heads=4, ffn=352),
+    # the shape of the peer figures in the platform notes
+    "peer": Shape(vocab=8000, d=256, layers=4, heads=4, ffn=704),
+    # the released 385M's layer and vocabulary (tied), with 2 of its 24 layers
+    "385m-2L": Shape(vocab=64000, d=1024, layers=2, heads=8, ffn=2816, tied=True, large=True),
 }
-TRAIN_SHAPES = [(8, 256), (4, 512), (1, 2048)]
-DECODE_CONTEXTS = [256, 1024, 4096]
+BATCHES = [(4, 512), (1, 2048)]
+PEER = {  # platform notes: authors' TNL HF code / Llama (SDPA), tokens/s, same machine kind
+    ("peer", 4, 512): (2313, 2672),
+    ("peer", 1, 2048): (1163, 2181),
+}
 
 
-def bench_train(cfg: TransNormerConfig, batch: int, seq: int, passes: int, steps: int) -> dict:
+def bench_step(cfg: Any, batch: int, seq: int, passes: int, steps: int) -> dict[str, Any]:
     torch.manual_seed(0)
     module = TrainModule(cfg.build(), TrainConfig(steps=10_000, micro_batch_size=batch), torch.device("cpu"))
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq + 1))
@@ -45,73 +80,90 @@ def bench_train(cfg: TransNormerConfig, batch: int, seq: int, passes: int, steps
         times.append((time.perf_counter() - start) / steps)
     step = statistics.median(times)
     tps = batch * seq / step
+    flops = tps * cfg.flops_per_token(seq)
     return {
-        "batch": batch,
-        "seq_len": seq,
         "step_ms": 1e3 * step,
         "tokens_per_second": tps,
-        "tflops": tps * cfg.flops_per_token(seq) / 1e12,
+        "tflops": flops / 1e12,
+        "mfu": flops / peak_flops(torch.device("cpu")),
     }
 
 
-@torch.no_grad()
-def bench_decode(cfg: TransNormerConfig, context: int, passes: int, tokens: int = 32) -> dict:
-    torch.manual_seed(0)
-    model = cfg.build().eval()
-    _, state = model.prefill(torch.randint(0, cfg.vocab_size, (1, context)))
-    tok = torch.zeros(1, dtype=torch.long)
-    times = []
-    for _ in range(passes):
-        start = time.perf_counter()
-        for _ in range(tokens):
-            _, state = model.decode_step(tok, state)
-        times.append((time.perf_counter() - start) / tokens)
-    state_mib = sum(kv.numel() * kv.element_size() for kv in state.kv) / 2**20
-    return {"context": context, "ms_per_token": 1e3 * statistics.median(times), "state_mib": state_mib}
+def print_table(rows: list[dict[str, Any]], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("shape", "batch", "TNL tok/s", "TNL MFU", "softmax tok/s", "softmax MFU", "TNL / softmax"):
+        table.add_column(col, justify="right" if col != "shape" else "left")
+    for r in rows:
+        t, s = r["tnl"], r["softmax"]
+        table.add_row(
+            r["shape"],
+            f"{r['batch']} x {r['seq_len']}",
+            f"{t['tokens_per_second']:.0f}",
+            f"{100 * t['mfu']:.1f}%",
+            f"{s['tokens_per_second']:.0f}",
+            f"{100 * s['mfu']:.1f}%",
+            f"{t['tokens_per_second'] / s['tokens_per_second']:.2f}x",
+        )
+    console = Console()
+    console.print(table)
+    for r in rows:
+        peer = PEER.get((r["shape"], r["batch"], r["seq_len"]))
+        if peer:
+            tps = r["tnl"]["tokens_per_second"]
+            console.print(
+                f"peer {r['batch']}x{r['seq_len']}: TNL {tps:.0f} tok/s = {tps / peer[0]:.2f}x the authors' code "
+                f"({peer[0]}), {tps / peer[1]:.2f}x their Llama SDPA ({peer[1]}) [peer figures: platform notes]"
+            )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--passes", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=5, help="train steps per pass")
+    parser.add_argument("--steps", type=int, default=3, help="train steps per pass")
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--no-large", action="store_true", help="skip the 385M-shaped model")
     parser.add_argument("--out", type=Path, default=Path("bench/results/train.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     rows = []
-    for name, cfg in SHAPES.items():
-        for batch, seq in TRAIN_SHAPES:
-            rows.append(
-                {"model": name, "kind": "train", **bench_train(cfg, batch, seq, args.passes, args.steps)}
+    load_before = os.getloadavg()[0]
+    for name in args.shapes:
+        shape = SHAPES[name]
+        if shape.large and args.no_large:
+            continue
+        passes, steps = (1, 2) if shape.large else (args.passes, args.steps)
+        for batch, seq in BATCHES:
+            row: dict[str, Any] = {"shape": name, "batch": batch, "seq_len": seq}
+            for kind, cfg in (("tnl", shape.tnl()), ("softmax", shape.softmax())):
+                row[kind] = bench_step(cfg, batch, seq, passes, steps)
+                row[kind]["params"] = cfg.num_params()
+                row[kind]["flops_per_token"] = cfg.flops_per_token(seq)
+            rows.append(row)
+            print(
+                f"{name} {batch}x{seq}: TNL {row['tnl']['tokens_per_second']:.0f} tok/s, "
+                f"softmax {row['softmax']['tokens_per_second']:.0f} tok/s",
+                flush=True,
             )
-        for ctx in DECODE_CONTEXTS:
-            rows.append({"model": name, "kind": "decode", **bench_decode(cfg, ctx, args.passes)})
-
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"TransNormerLLM on CPU, fp32, {args.threads} threads, median of {args.passes}")
-    for col in ("model", "measure", "shape", "value"):
-        table.add_column(col)
-    for r in rows:
-        if r["kind"] == "train":
-            table.add_row(
-                r["model"],
-                "train tokens/s",
-                f"{r['batch']} x {r['seq_len']}",
-                f"{r['tokens_per_second']:.0f} ({r['step_ms']:.0f} ms/step)",
-            )
-        else:
-            table.add_row(
-                r["model"],
-                "decode ms/token",
-                f"context {r['context']}",
-                f"{r['ms_per_token']:.2f} (state {r['state_mib']:.2f} MiB)",
-            )
-    Console().print(table)
+    peak = peak_flops(torch.device("cpu"))
+    title = (
+        f"Training step (fwd+bwd+AdamW), fp32, {args.threads} threads, median of {args.passes} x "
+        f"{args.steps} steps (385m-2L: 1 x 2); MFU vs CPU peak {peak / 1e9:.0f} GFLOP/s"
+    )
+    print_table(rows, title)
+    meta = {
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "passes": args.passes,
+        "steps": args.steps,
+        "peak_flops": peak,
+        "loadavg_1min": [load_before, os.getloadavg()[0]],
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"torch": torch.__version__, "threads": args.threads, "passes": args.passes}
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"wrote {args.out}")
 
