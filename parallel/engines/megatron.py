@@ -93,6 +93,12 @@ class MegatronTrainModule:
             raise NotImplementedError(
                 "ZeRO / optimizer offload are not part of the megatron engine: use parallel.engine=deepspeed"
             )
+        if device.type == "cpu" and resolve_dtype(train_config.precision, device) is not None:
+            raise NotImplementedError(
+                "bf16 autocast on CPU is not supported by the megatron engine: megatron-core's tensor-parallel "
+                "linear binds its autocast handling to CUDA, so its backward mixes bf16 and fp32 on CPU; "
+                "use train.precision=fp32 (or auto, which picks fp32 on CPU)"
+            )
         if (topo.tp, topo.pp, topo.cp) != (parallel_config.tp, parallel_config.pp, parallel_config.cp):
             raise ValueError(
                 f"{topo} does not match parallel config tp={parallel_config.tp}, pp={parallel_config.pp}"

@@ -163,3 +163,6 @@ def test_unsupported_layouts_are_named() -> None:
         MegatronTrainModule(None, train_cfg, ParallelConfig(cp=2), topo, torch.device("cpu"))  # type: ignore[arg-type]
     with pytest.raises(NotImplementedError, match="deepspeed"):
         MegatronTrainModule(None, train_cfg, ParallelConfig(zero_stage=1), topo, torch.device("cpu"))  # type: ignore[arg-type]
+    bf16 = train_cfg.model_copy(update={"precision": "bf16"})
+    with pytest.raises(NotImplementedError, match="precision=fp32"):
+        MegatronTrainModule(None, bf16, ParallelConfig(), topo, torch.device("cpu"))  # type: ignore[arg-type]
