@@ -560,12 +560,13 @@ def run_clean(inputs: list[Path], output_dir: Path, config: CleanConfig | None =
     with _quiet_datatrove(cfg.quiet):
         for stage_name, steps in order:
             pipeline = [step for _, step in steps]
-            if cfg.quiet and cfg.workers > 1:
-                pipeline.insert(0, _QuietLogs())
+            if cfg.quiet and cfg.workers > 1 and stage_name not in ("minhash_buckets", "minhash_cluster"):
+                pipeline.insert(0, _QuietLogs())  # (those two refuse any step before them)
             executor = LocalPipelineExecutor(
                 pipeline,
                 tasks=_tasks_for(stage_name, cfg),
-                workers=cfg.workers,
+                # bucket matching and clustering are light: in-process, no pool start-up
+                workers=1 if stage_name in ("minhash_buckets", "minhash_cluster") else cfg.workers,
                 logging_dir=str(output_dir / "logs" / stage_name),
                 skip_completed=True,
             )
