@@ -215,6 +215,20 @@ def test_logits_match_reference(name: str, tmp_path: Path) -> None:
         torch.testing.assert_close(step.double(), ref[:, t], rtol=1e-4, atol=1e-4)
 
 
+def test_load_in_bf16(tmp_path: Path) -> None:
+    hf, fmt = CASES["lrpe0_untied_safetensors"]
+    sd = _hf_weights(hf)
+    directory = _write(tmp_path, hf, sd, fmt)
+    model = load_hf(directory, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert model.model.layers[1].token_mixer.slope.dtype == torch.float32
+    assert torch.equal(model.lm_head.weight, sd["lm_head.weight"].to(torch.bfloat16))
+    cast = load_hf(directory).to(torch.bfloat16)  # same as loading in fp32 and casting
+    ids = torch.randint(0, hf["vocab_size"], (1, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), cast(ids), rtol=0, atol=0)
+
+
 def test_loaded_config_fields(tmp_path: Path) -> None:
     hf, _ = CASES["lrpe0_tied_default_sharded"]
     cfg = config_from_hf(hf)

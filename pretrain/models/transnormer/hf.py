@@ -170,7 +170,7 @@ def load_hf(
     """Load a released-layout TransNormerLLM checkpoint directory.
 
     The model is built on the meta device (no random init of the full weights), materialised on
-    ``device`` and filled from the checkpoint, then cast to ``dtype``.
+    ``device`` in ``dtype`` and filled from the checkpoint.
 
     Args:
         path: The checkpoint directory.
@@ -194,13 +194,13 @@ def load_hf(
     except KeyError as exc:
         raise HFCheckpointError(f"{directory}: {exc.args[0]}") from None
     with torch.device("meta"):
-        model = cfg.build()
+        model = cfg.build().to(dtype)  # allocate in the target dtype: no fp32 copy of a bf16 model
     model.to_empty(device=device)
     if cfg.tie_word_embeddings:  # to_empty from meta makes new Parameters, which unties them
         model.lm_head.weight = model.model.embed_tokens.weight
     _check_state(model, state, directory)
-    model.load_state_dict(state, strict=True)
-    return model.to(dtype).eval()
+    model.load_state_dict(state, strict=True)  # copies, converting to the parameters' dtype
+    return model.eval()
 
 
 def _weight_files(directory: Path) -> list[Path]:
