@@ -3,7 +3,8 @@
 
 Both models have the same shape (4 layers, d=256, 4 heads, SGLU/SwiGLU 704, vocab 8000), batch 1,
 fp32. Each context is prefilled (TNL with its block form; softmax with one causal SDPA call that fills the KV cache),
-then ``decode_step`` is timed: median over passes of the mean ms/token of a pass.
+then ``decode_step`` is timed: median over passes of the mean ms/token of a pass. The passes
+interleave all models and contexts, so the ratios are robust to drifting machine load.
 
     .venv/bin/python bench/bench_decode.py [--threads 2] [--passes 5] [--contexts 256 1024 4096 16384]
 """
@@ -15,6 +16,7 @@ import json
 import os
 import statistics
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,32 +53,54 @@ def prefill(name: str, model: nn.Module, ids: torch.Tensor) -> Any:
     return state
 
 
+@dataclass
+class Case:
+    """One model at one context: the state it decodes from and the timings so far."""
+
+    name: str
+    model: nn.Module
+    context: int
+    state: Any
+    token: torch.Tensor
+    prefill_s: float
+    state_mib: float
+    times: list[float] = field(default_factory=list)
+
+
 @torch.no_grad()
-def bench_one(name: str, model: nn.Module, context: int, passes: int, tokens: int) -> dict[str, Any]:
+def prepare(name: str, model: nn.Module, context: int) -> Case:
+    """Prefill ``context`` random tokens and run a few warm-up decode steps."""
     gen = torch.Generator().manual_seed(context)
     ids = torch.randint(0, VOCAB, (1, context), generator=gen)
     start = time.perf_counter()
     state = prefill(name, model, ids)
     prefill_s = time.perf_counter() - start
-    memory = state_bytes(state)
-    tok = ids[:, -1]
-    for _ in range(4):  # warm-up
-        logits, state = model.decode_step(tok, state)
+    case = Case(name, model, context, state, ids[:, -1], prefill_s, state_bytes(state) / 2**20)
+    run_pass(case, tokens=4)
+    case.times.clear()
+    return case
+
+
+@torch.no_grad()
+def run_pass(case: Case, tokens: int) -> None:
+    """Decode ``tokens`` greedy tokens from the case's state; record the mean seconds per token."""
+    tok, state = case.token, case.state
+    start = time.perf_counter()
+    for _ in range(tokens):
+        logits, state = case.model.decode_step(tok, state)
         tok = logits.argmax(-1)
-    times = []
-    for _ in range(passes):
-        start = time.perf_counter()
-        for _ in range(tokens):
-            logits, state = model.decode_step(tok, state)
-            tok = logits.argmax(-1)
-        times.append((time.perf_counter() - start) / tokens)
+    case.times.append((time.perf_counter() - start) / tokens)
+    case.token, case.state = tok, state
+
+
+def result(case: Case) -> dict[str, Any]:
     return {
-        "model": name,
-        "context": context,
-        "ms_per_token": 1e3 * statistics.median(times),
-        "ms_per_token_passes": [1e3 * t for t in times],
-        "state_mib": memory / 2**20,
-        "prefill_s": prefill_s,
+        "model": case.name,
+        "context": case.context,
+        "ms_per_token": 1e3 * statistics.median(case.times),
+        "ms_per_token_passes": [1e3 * t for t in case.times],
+        "state_mib": case.state_mib,
+        "prefill_s": case.prefill_s,
     }
 
 
@@ -136,18 +160,19 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    rows = []
     load_before = os.getloadavg()[0]
+    cases = []
     for name in args.models:
         torch.manual_seed(0)
         model = CONFIGS[name].build().eval()
         for ctx in args.contexts:
-            rows.append(bench_one(name, model, ctx, args.passes, args.tokens))
-            print(
-                f"{name:8s} context {ctx:6d}: {rows[-1]['ms_per_token']:.2f} ms/token, "
-                f"state {rows[-1]['state_mib']:.2f} MiB, prefill {rows[-1]['prefill_s']:.1f} s",
-                flush=True,
-            )
+            cases.append(prepare(name, model, ctx))
+            print(f"{name:8s} context {ctx:6d}: prefill {cases[-1].prefill_s:.1f} s", flush=True)
+    # Passes interleave every model and context, so a change in machine load hits all alike.
+    for _ in range(args.passes):
+        for case in cases:
+            run_pass(case, args.tokens)
+    rows = [result(c) for c in cases]
     summary = summarise(rows)
     title = (
         f"Decode, batch 1, fp32, {args.threads} threads, median of {args.passes} x {args.tokens} tokens "
