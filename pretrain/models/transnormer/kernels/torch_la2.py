@@ -130,11 +130,18 @@ def _scan(x: Tensor, log_decay: Tensor, reverse: bool = False, init: Tensor | No
     return out[:, :, p:] if reverse else out[:, :, :nb]
 
 
+def _flat(x: Tensor) -> Tensor:
+    return x.reshape(-1, *x.shape[-2:])
+
+
 def _bmm(a: Tensor, c: Tensor) -> Tensor:
     """Batched matmul of ``(..., m, k) @ (..., k, n)`` flattened to one batch dimension."""
-    return torch.bmm(a.reshape(-1, *a.shape[-2:]), c.reshape(-1, *c.shape[-2:])).view(
-        *a.shape[:-1], c.shape[-1]
-    )
+    return torch.bmm(_flat(a), _flat(c)).view(*a.shape[:-1], c.shape[-1])
+
+
+def _add_bmm_(out: Tensor, a: Tensor, c: Tensor) -> None:
+    """``out += a @ c`` in place (``out`` contiguous), batched like :func:`_bmm`."""
+    _flat(out).baddbmm_(_flat(a), _flat(c))
 
 
 class LightningAttentionTorch(torch.autograd.Function):
@@ -153,7 +160,7 @@ class LightningAttentionTorch(torch.autograd.Function):
         kv_blocks = _bmm((kb * k_decay).transpose(-1, -2), vb)  # (b, H, nb, d, e)
         nb = kv_blocks.shape[2]
         states = _scan(kv_blocks.view(b, H, nb, d * e), log_lam_b).view(b, H, nb, d, e)
-        o.add_(_bmm(qb * q_decay, states))  # inter-block
+        _add_bmm_(o, qb * q_decay, states)  # inter-block
         final = torch.addcmul(kv_blocks[:, :, -1], states[:, :, -1], log_lam_b.exp()[:, None, None])
 
         ctx.save_for_backward(qb, kb, vb, slope, states)
@@ -183,12 +190,12 @@ class LightningAttentionTorch(torch.autograd.Function):
 
         # Inter-block part: dQ from the saved states, then the reverse scan of dKV.
         do_decay = do * q_decay
-        dq.add_(_bmm(do_decay, states.transpose(-1, -2)))
+        _add_bmm_(dq, do_decay, states.transpose(-1, -2))
         direct = _bmm(qb.transpose(-1, -2), do_decay)  # gradient reaching S_t from block t
         init = None if grad_state is None else grad_state.to(torch.float32).reshape(b, H, d * e)
         g = _scan(direct.view(b, H, nb, d * e), log_lam_b, reverse=True, init=init).view(b, H, nb, d, e)
-        dk.addcmul_(_bmm(vb, g.transpose(-1, -2)), k_decay)
-        dv.add_(_bmm(kb * k_decay, g))
+        _add_bmm_(dk, vb * k_decay, g.transpose(-1, -2))
+        _add_bmm_(dv, kb * k_decay, g)
 
         def unblock(x: Tensor, dtype: torch.dtype) -> Tensor:
             return x.view(b, H, nb * B, -1)[:, :, pad:].to(dtype)
