@@ -217,3 +217,29 @@ def test_slopes_single_layer_does_not_divide_by_zero() -> None:
     torch.testing.assert_close(slopes, torch.tensor([2 ** (-2 * j) for j in range(1, 5)]) * (1 + 1e-5))
     with pytest.raises(ValueError):
         slopes_for_layer(4, 1, 1)
+
+
+def test_config_attention_backend_reaches_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pretrain.config import ConfigError
+    from pretrain.models.transnormer import TransNormerConfig
+
+    fields = {
+        "vocab_size": 31,
+        "d_model": 16,
+        "n_layers": 2,
+        "n_heads": 2,
+        "glu_dim": 24,
+        "attention_block_size": 4,
+    }
+    assert TransNormerConfig(**fields).attention_backend == "auto"
+    with pytest.raises((ConfigError, ValueError), match="attention_backend"):
+        TransNormerConfig(**fields, attention_backend="cuda-magic")
+    ids = torch.randint(0, 31, (2, 11))
+    auto = TransNormerConfig(**fields).build()
+    plain = TransNormerConfig(**fields, attention_backend="torch").build()
+    plain.load_state_dict(auto.state_dict())
+    torch.testing.assert_close(auto(ids), plain(ids))
+    gpu_only = TransNormerConfig(**fields, attention_backend="lightning").build()
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+        gpu_only(ids)

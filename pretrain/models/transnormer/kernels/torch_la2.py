@@ -21,9 +21,10 @@ The backward pass is written out: with ``dO`` the output gradient,
   ``dV += (lambda^(B - j) * K_t) G_t``.
 
 Saved for the backward: the fp32 inputs and the per-block states ``S_t`` (``n d e / B`` values
-per head, the size of one input when ``B = d``). Recomputing the states instead costs one more
-batched matmul plus a scan per backward (about 8% of forward+backward at 8K tokens on the
-2-core development machine) for the same O(n) memory order, so they are kept.
+per head: the size of one input when ``B = d``). Recomputing the states instead would add one
+of the 13 batched matmuls of a forward+backward (about 8% of its FLOPs at ``B = d``) plus a
+scan, for the same O(n) memory order, so they are kept. The intra-block scores ``Q K^T * D``
+(``n B`` per head) are recomputed rather than saved.
 
 Everything is computed in fp32 and returned in the input dtype. A sequence whose length is not
 a multiple of ``B`` is padded with zeros at the *front*: zero keys and values add nothing to
@@ -39,12 +40,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 DEFAULT_BLOCK_SIZE = 64
-"""Block size ``B`` of the torch backend.
+"""Block size ``B`` of the torch backend, chosen by measurement.
 
-Measured on the 2-core AMD EPYC (Zen 4) development machine, fp32, b=1, H=4, d=e=64, 2 threads,
-forward+backward, median of 5 (``.venv/bin/python bench/bench_attention.py --block-sizes``):
-see the table in that script's docstring. 64 was fastest at 8K and 16K tokens; 32 spends more
-time in small matmuls and the scan, 128 and 256 in the (quadratic in ``B``) intra-block part.
+Forward+backward at n=8192, b=1, H=4, d=e=64, fp32 on the 2-core AMD EPYC (Zen 4) development
+machine, 1 thread, median of 5, process CPU time in seconds (three runs each; the machine was
+shared, so CPU time was steadier than wall time)::
+
+    B=16: 0.242-0.243   B=32: 0.125-0.132   B=64: 0.101-0.115   B=128: 0.105-0.121   B=256: 0.215-0.228
+
+Small blocks lose to small-matmul overhead and a longer state scan, large ones to the intra-block
+work, which grows with ``B``. ``bench/bench_attention.py --block-sizes`` repeats the sweep.
 """
 
 
