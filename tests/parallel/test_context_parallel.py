@@ -1,7 +1,8 @@
 """LASP context parallelism against the single-process model: logits, gradients, 10 AdamW steps.
 
-Every comparison is fp32 on gloo. The reference runs in the test process on the full sequences;
-the workers each hold a contiguous slice of them (cp = 2 and cp = 4).
+Every comparison is fp32 on gloo (plus a bf16 run of the LASP function). The reference runs in
+the test process on the full sequences; the workers each hold a contiguous slice of them
+(cp = 2 and cp = 4).
 """
 
 from __future__ import annotations
@@ -100,11 +101,37 @@ def _as_tensors(obj: object) -> object:
     return obj
 
 
+def _lasp_function(rank: int, world_size: int, kernel: dict) -> dict:
+    """``lasp_attention`` on this rank's slice of raw kernel inputs, through a loss that also uses
+    the last rank's final state (so its gradient path is exercised too)."""
+    m = kernel["q"].shape[2] // world_size
+    sl = slice(rank * m, (rank + 1) * m)
+    q, k, v = (kernel[x][:, :, sl].clone().requires_grad_() for x in "qkv")
+    o, kv = lasp_attention(q, k, v, kernel["slope"], None, block_size=4)
+    loss = (o * kernel["go"][:, :, sl]).sum() + ((kv * kernel["gkv"]).sum() if rank == world_size - 1 else 0)
+    loss.backward()
+    out = {"o": o, "kv": kv, "dq": q.grad, "dk": k.grad, "dv": v.grad}
+    # bf16 inputs (as under autocast): the state stays fp32, outputs and gradients come back in bf16.
+    qb, kb, vb = (t.detach().bfloat16().requires_grad_() for t in (q, k, v))
+    ob, kvb = lasp_attention(qb, kb, vb, kernel["slope"], None, block_size=4)
+    (ob.float() * kernel["go"][:, :, sl]).sum().backward()
+    assert ob.dtype == qb.grad.dtype == torch.bfloat16 and kvb.dtype == torch.float32
+    out["o_bf16"] = ob.float()
+    return out
+
+
 def _cp_worker(
-    rank: int, world_size: int, state: dict, batches: list[Batch], train: bool, checkpointing: str
+    rank: int,
+    world_size: int,
+    state: dict,
+    batches: list[Batch],
+    train: bool,
+    checkpointing: str,
+    kernel: dict,
 ) -> dict:
     from parallel.activation_checkpoint import apply_activation_checkpointing
 
+    out = {"kernel": _lasp_function(rank, world_size, kernel)}
     group = dist.new_group(list(range(world_size)))  # a real subgroup, as the topology hands out
     model = apply_context_parallel(_build(state), group)
     apply_activation_checkpointing(model, checkpointing)
@@ -117,11 +144,9 @@ def _cp_worker(
     loss = loss_fn(logits, local[0])
     loss.backward()
     all_reduce_gradients(model, group)
-    out = {
-        "logits": logits.detach(),
-        "loss": loss.item(),
-        "grads": {n: p.grad.clone() for n, p in model.named_parameters()},
-    }
+    out["logits"] = logits.detach()
+    out["loss"] = loss.item()
+    out["grads"] = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
     if train:
         out["losses"] = _train(model, local, loss_fn, lambda m: all_reduce_gradients(m, group))
@@ -143,12 +168,42 @@ def _reference(state: dict, batches: list[Batch]) -> dict:
     }
 
 
+def _kernel_inputs() -> dict:
+    g = torch.Generator().manual_seed(3)
+    b, H, n, d, e = 2, 2, 12, 3, 5
+    shapes = {
+        "q": (b, H, n, d),
+        "k": (b, H, n, d),
+        "v": (b, H, n, e),
+        "go": (b, H, n, e),
+        "gkv": (b, H, d, e),
+    }
+    out = {name: torch.randn(*shape, generator=g) for name, shape in shapes.items()}
+    out["slope"] = torch.tensor([0.3, 0.05])
+    return out
+
+
+def _check_kernel(results: list[dict], kernel: dict) -> None:
+    """Per-rank ``lasp_attention`` outputs and input gradients against the whole-sequence kernel."""
+    q, k, v = (kernel[x].clone().requires_grad_() for x in "qkv")
+    o, kv = linear_attention(q, k, v, kernel["slope"], block_size=4, return_state=True)
+    ((o * kernel["go"]).sum() + (kv * kernel["gkv"]).sum()).backward()
+    res = [r["kernel"] for r in results]
+    torch.testing.assert_close(torch.cat([r["o"] for r in res], 2), o.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(res[-1]["kv"], kv.detach(), rtol=1e-5, atol=1e-5)
+    o_bf16 = torch.cat([r["o_bf16"] for r in res], 2)
+    assert _rel(o_bf16, o.detach()) < 3e-2
+    for key, ref in (("dq", q.grad), ("dk", k.grad), ("dv", v.grad)):
+        torch.testing.assert_close(torch.cat([r[key] for r in res], 2), ref, rtol=1e-5, atol=1e-5)
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
 def _check(results: list[dict], ref: dict, train: bool) -> None:
     results = [_as_tensors(r) for r in results]
+    _check_kernel(results, _kernel_inputs())
     logits = torch.cat([r["logits"] for r in results], dim=1)
     assert logits.shape == ref["logits"].shape
     assert _rel(logits, ref["logits"]) < 1e-5
@@ -173,7 +228,9 @@ def init_state() -> dict[str, torch.Tensor]:
 def test_cp2_matches_single_process_logits_grads_and_training(init_state: dict) -> None:
     batches = _batches(STEPS, seq_len=64)
     ref = _reference(init_state, batches)
-    _check(run_distributed(_cp_worker, 2, init_state, batches, True, "none"), ref, train=True)
+    _check(
+        run_distributed(_cp_worker, 2, init_state, batches, True, "none", _kernel_inputs()), ref, train=True
+    )
 
 
 def test_cp4_uneven_blocks_with_full_activation_checkpointing(init_state: dict) -> None:
@@ -181,39 +238,9 @@ def test_cp4_uneven_blocks_with_full_activation_checkpointing(init_state: dict) 
     # the recomputation in the backward repeats the state exchange.
     batches = _batches(1, seq_len=48, seed=1)
     ref = _reference(init_state, batches)
-    _check(run_distributed(_cp_worker, 4, init_state, batches, False, "full"), ref, train=False)
-
-
-def _lasp_worker(rank: int, world_size: int, q, k, v, slope, go, gkv) -> dict:
-    m = q.shape[2] // world_size
-    sl = slice(rank * m, (rank + 1) * m)
-    q, k, v = (t[:, :, sl].clone().requires_grad_() for t in (q, k, v))
-    o, kv = lasp_attention(q, k, v, slope, None, block_size=4)
-    # A loss that also uses the last rank's final state exercises its gradient path.
-    loss = (o * go[:, :, sl]).sum() + ((kv * gkv).sum() if rank == world_size - 1 else 0.0)
-    loss.backward()
-    return _by_value({"o": o, "kv": kv, "dq": q.grad, "dk": k.grad, "dv": v.grad})
-
-
-def test_lasp_attention_function_matches_whole_sequence_kernel() -> None:
-    g = torch.Generator().manual_seed(3)
-    b, H, n, d, e = 2, 2, 12, 3, 5
-    q, k, v = (
-        torch.randn(b, H, n, d, generator=g),
-        torch.randn(b, H, n, d, generator=g),
-        torch.randn(b, H, n, e, generator=g),
+    _check(
+        run_distributed(_cp_worker, 4, init_state, batches, False, "full", _kernel_inputs()), ref, train=False
     )
-    slope = torch.tensor([0.3, 0.05])
-    go, gkv = torch.randn(b, H, n, e, generator=g), torch.randn(b, H, d, e, generator=g)
-    res = [_as_tensors(r) for r in run_distributed(_lasp_worker, 2, q, k, v, slope, go, gkv)]
-
-    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
-    o, kv = linear_attention(qr, kr, vr, slope, block_size=4, return_state=True)
-    ((o * go).sum() + (kv * gkv).sum()).backward()
-    torch.testing.assert_close(torch.cat([r["o"] for r in res], 2), o.detach(), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(res[-1]["kv"], kv.detach(), rtol=1e-5, atol=1e-5)
-    for key, ref in (("dq", qr.grad), ("dk", kr.grad), ("dv", vr.grad)):
-        torch.testing.assert_close(torch.cat([r[key] for r in res], 2), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_split_batch_for_cp_slices_contiguously_and_validates() -> None:
