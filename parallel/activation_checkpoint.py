@@ -13,17 +13,20 @@ transforms (apply it after context/tensor parallelism and before ZeRO, per STYLE
 with engines that wrap the model from outside:
 
 * native engine: plain autograd, nothing else to do;
-* DeepSpeed: the engine only wraps the module, and torch's non-reentrant checkpoint works under
-  ZeRO 0-3 (ZeRO-3 gathers parameters through the sub-modules' hooks, which fire again in the
-  recomputation). ``deepspeed.checkpointing.checkpoint`` may be passed as ``checkpoint_fn``
-  instead (e.g. for its partitioned/CPU-offloaded activations) but it is *reentrant*: it needs
+* DeepSpeed: the engine only wraps the module; torch's non-reentrant checkpoint is what the
+  platform notes report working on CPU with DeepSpeed. Under ZeRO-3 the recomputation calls the
+  sub-modules again, so their parameter-gathering hooks fire again (not exercised by this
+  module's tests, which use the native engine). ``deepspeed.checkpointing.checkpoint`` may be
+  passed as ``checkpoint_fn`` instead (e.g. for its partitioned/CPU-offloaded activations), but
+  it is *reentrant*: it needs
   ``deepspeed.checkpointing.configure(...)`` first, takes positional arguments only, and at
   least one input tensor must require grad or no gradient reaches the weights inside it (true
   for decoder layers, whose input is the embedding output, but not for a module fed raw data).
 
 Recomputation repeats any communication inside the module (e.g. the LASP state exchange of
 :mod:`parallel.context`); every rank recomputes the same modules in the same order, so the
-messages still match.
+messages still match. torch stops a recomputation early once the last saved activation it needs
+is back; communication that precedes its own saved tensors (as LASP's does) always reruns.
 """
 
 from __future__ import annotations
