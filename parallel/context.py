@@ -21,7 +21,8 @@ Communication (point to point over ``cp_group``, ring without wrap-around), per 
 Each message is one ``b x H x d x e`` fp32 tensor (``d = 2h`` in LRPE layers), so the volume is
 ``O(b H d e)`` per layer and rank, independent of the sequence length. The hops form a chain:
 per layer the forward has ``cp - 1`` sequential hops of ``recv + axpy + send``, the backward the
-same in reverse; across layers this pipelines (a bubble of about ``cp - 1`` hops, not layers).
+same in reverse. The sends are blocking (``dist.send``), so a rank may also wait until its
+neighbour reaches the same layer; non-blocking sends would remove that wait (not done yet).
 
 Positions are global: LRPE sees offset ``r m``. Use :func:`split_batch_for_cp` for the inputs,
 :func:`context_parallel_loss` for the global token mean, and sum the gradients over the cp group
