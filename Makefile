@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH_PIP_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: quickstart test bench lint format readme clean venv
+.PHONY: quickstart test bench lint format readme clean venv slurm-stop
 
 venv: $(STAMP)
 
@@ -23,8 +23,14 @@ $(STAMP): pyproject.toml
 quickstart: $(STAMP)
 	$(BIN)/pretrain quickstart
 
+# The tests talk to a real single-node SLURM (installed with apt-get and started here when
+# missing; state under /tmp/pretrain-slurm) and to real MLflow servers they start themselves.
 test: $(STAMP)
+	$(BIN)/python -m cluster.local_slurm start
 	$(BIN)/python -m pytest -q
+
+slurm-stop:
+	$(BIN)/python -m cluster.local_slurm stop
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_train.py

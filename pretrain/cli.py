@@ -100,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="print every config key with its type, default and doc (Markdown)",
     )
     _add_set(p)
+
+    from cluster.cli import add_cluster_commands
+
+    add_cluster_commands(sub)
     return parser
 
 
@@ -200,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     try:
-        return COMMANDS[args.command](args)
+        return (getattr(args, "handler", None) or COMMANDS[args.command])(args)
     except (ConfigError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from checkpoints import code_version
+from cluster.run_tags import RunTagsCallback, run_tags
 from cluster.env import ProcessEnv
 from data_pipeline.tokenizer import SentencePieceTokenizer
 from pretrain.config import ConfigError
@@ -122,10 +123,16 @@ def run_training(
             run_name=config.tracking.run_name or config.name,
             params=config.to_dict(),
             artifacts=artifacts,
-            tags={"config_hash": config.config_hash(), "code_version": metadata["code_version"]},
+            tags=run_tags(config),
             run_id_file=run_dir / "mlflow_run_id",
             system_metrics=config.tracking.system_metrics,
         )
+        # A requeued job reopens its MLflow run: refresh job id, restart count and node list.
+        callbacks["run_tags"] = RunTagsCallback(run_tags(config))
+    if env.slurm_job_id:
+        from cluster.preemption import PreemptionCallback
+
+        callbacks["preemption"] = PreemptionCallback.from_environ(run_dir)
     trainer = Trainer(
         train_module=module,
         loader=loader,

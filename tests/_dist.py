@@ -22,6 +22,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _to_wire(obj: Any) -> Any:
+    """Tensors travel as numpy arrays: a tensor sent through a queue lives in shared memory that
+    vanishes when the worker ``os._exit`` s before the parent has read it."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return ("__tensor__", obj.detach().cpu().numpy().copy())
+    if isinstance(obj, dict):
+        return {k: _to_wire(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_wire(v) for v in obj)
+    return obj
+
+
+def _from_wire(obj: Any) -> Any:
+    import torch
+
+    if isinstance(obj, tuple) and len(obj) == 2 and obj[0] == "__tensor__":
+        return torch.from_numpy(obj[1])
+    if isinstance(obj, dict):
+        return {k: _from_wire(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_from_wire(v) for v in obj)
+    return obj
+
+
 def _worker(
     func: Callable[..., Any], rank: int, world_size: int, port: int, backend: str, args: tuple, queue: Any
 ) -> None:
@@ -40,7 +66,7 @@ def _worker(
     try:
         dist.init_process_group(backend, rank=rank, world_size=world_size)
         result = func(rank, world_size, *args)
-        queue.put((rank, "ok", result))
+        queue.put((rank, "ok", _to_wire(result)))
         dist.barrier()
     except BaseException:
         queue.put((rank, "error", f"[rank {rank}] {traceback.format_exc()}"))
@@ -77,7 +103,7 @@ def run_distributed(
         for _ in range(world_size):
             rank, status, payload = queue.get(timeout=timeout)
             if status == "ok":
-                results[rank] = payload
+                results[rank] = _from_wire(payload)
             else:
                 errors.append(payload)
                 break

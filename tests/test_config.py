@@ -12,7 +12,7 @@ from pretrain.config import ConfigError, apply_overrides
 from pretrain.run_config import RunConfig
 
 
-@pytest.mark.parametrize("preset", sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
+@pytest.mark.parametrize("preset", sorted(p.stem for p in PRESET_DIR.glob("tnl-*.yaml")))
 def test_every_preset_loads(preset: str) -> None:
     config = RunConfig.from_yaml(preset_path(preset))
     assert config.name == preset
