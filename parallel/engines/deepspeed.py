@@ -1,0 +1,293 @@
+"""A TrainModule whose model and optimizer run inside a DeepSpeed engine (ZeRO 0-3).
+
+Same interface as :class:`pretrain.trainer.train_module.TrainModule`, so the trainer and the
+checkpoint callback never branch on ``zero``:
+
+* ``train_step(micro_batches)``: engine forward, backward and ``step()`` per micro-batch (DeepSpeed
+  counts micro-steps and updates at the last one, so there must be ``train.grad_accum`` of them).
+  **Loss normalisation.** The reported loss and the gradient are those of the single-process mean
+  over *all* masked-in tokens of all micro-batches on all data-parallel ranks. With ``N`` the
+  global token count (one all-reduce before the forward passes), each micro-batch backpropagates
+  ``token_loss_sum / N * dp`` with ``scale_wrt_gas=False``: DeepSpeed's own ``1/grad_accum`` is
+  switched off and its dp gradient *average* (sum / dp) cancels the ``* dp``. The reported loss is
+  the all-reduced sum of the detached token losses over ``N``.
+* ``grad_norm``: ``engine.get_global_grad_norm()`` (before clipping, like ``clip_grad_norm_``).
+* ``state_dict()`` (a collective: every rank must call it) returns
+    - ``model``: the FULL fp32 weights in the plain model's layout (ZeRO-1/2: assembled from the
+      fp32 master partitions; ZeRO-3: all-gathered), loadable into a single-process model;
+    - ``optimizer``: DeepSpeed's own (partitioned) optimizer state of every dp rank, gathered to
+      dp rank 0 under ``ranks[str(rank)]`` (other ranks hold only their own entry), made
+      pickle-free for our Checkpointer (the loss-scaler object and slice-mapping metadata are
+      dropped and rebuilt on load: they are derived or unused in fp32/bf16), plus the engine's
+      step counters. Resuming needs the same ZeRO stage and dp size, and continues bit-exactly;
+      a different layout is refused with a message (re-initialise the optimizer from ``model``);
+    - ``scheduler``: our ``LambdaLR`` state (the schedule stays ours in every engine).
+
+Limits: dp only (tp = pp = cp = 1) over the default process group. In bf16 DeepSpeed trains bf16
+weights against fp32 masters (not autocast), so bf16 numbers differ from the native module's.
+Activation checkpointing is applied to the plain model before it is wrapped here.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.runtime.zero.config import ZeroStageEnum
+from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+from torch import nn
+
+from parallel.config import ParallelConfig
+from parallel.zero import build_deepspeed_config, init_deepspeed_distributed
+from pretrain.data.loader import Batch
+from pretrain.trainer.config import TrainConfig
+from pretrain.trainer.train_module import cosine_with_warmup, token_loss
+
+OPTIMIZER_FORMAT = "deepspeed-zero-per-rank"
+# Keys of DeepSpeed's optimizer state dict that hold objects rather than data. The loss scaler is
+# static (scale 1) in fp32/bf16, so the live one is kept on load; the slice mappings and universal
+# checkpoint info are derived from the parameter layout and only used by universal checkpoints.
+_DROPPED_KEYS = ("loss_scaler", "param_slice_mappings", "universal_checkpoint_info")
+_ENGINE_COUNTERS = ("global_steps", "global_samples", "micro_steps", "skipped_steps")
+
+
+class DeepSpeedTrainModule:
+    """Model + AdamW + warmup/cosine schedule inside a DeepSpeed engine.
+
+    Args:
+        model: the built plain model (``forward(tokens) -> logits``), already transformed by
+            activation checkpointing if wanted; DeepSpeed wraps it here.
+        train_config: the ``train`` section.
+        parallel_config: the ``parallel`` section (``zero_stage``, ``offload``).
+        device: where the model lives.
+        dp_group: the data-parallel group; ``None`` (or a group spanning all ranks) means the
+            default group, the only layout supported here.
+        ds_overrides: extra DeepSpeed config keys (see :func:`build_deepspeed_config`).
+
+    Raises:
+        ValueError: for tp/pp/cp > 1 or a dp group smaller than the world.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_config: TrainConfig,
+        parallel_config: ParallelConfig,
+        device: torch.device,
+        *,
+        dp_group: dist.ProcessGroup | None = None,
+        ds_overrides: dict[str, Any] | None = None,
+    ) -> None:
+        if parallel_config.model_parallel_size != 1:
+            raise ValueError(
+                "DeepSpeedTrainModule runs data parallelism only: set parallel.tp=pp=cp=1 "
+                "(use parallel.engine=megatron for model parallelism)"
+            )
+        init_deepspeed_distributed()
+        world = dist.get_world_size()
+        if dp_group is not None and dist.get_world_size(dp_group) != world:
+            raise ValueError("DeepSpeedTrainModule: the dp group must span all ranks (tp=pp=cp=1)")
+        self.dp_group = dp_group
+        self.dp_size = world
+        self.dp_rank = dist.get_rank()
+        self.config = train_config
+        self.parallel_config = parallel_config
+        self.device = device
+        self.grad_accum = train_config.grad_accum
+        self.ds_config = build_deepspeed_config(
+            train_config,
+            parallel_config,
+            dp_size=self.dp_size,
+            micro_batch_size=train_config.micro_batch_size,
+            grad_accum=train_config.grad_accum,
+            device=device,
+            overrides=ds_overrides,
+        )
+        model.to(device)
+        decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": train_config.weight_decay}]
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+
+        def schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+            return torch.optim.lr_scheduler.LambdaLR(
+                optimizer,
+                lambda s: cosine_with_warmup(
+                    s,
+                    warmup=train_config.warmup_steps,
+                    total=train_config.steps,
+                    min_ratio=train_config.min_lr_ratio,
+                ),
+            )
+
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model,
+            model_parameters=groups,
+            config=self.ds_config,
+            lr_scheduler=schedule,
+            dist_init_required=False,
+        )
+        self.model: nn.Module = self.engine.module
+        self.zero_stage = parallel_config.zero_stage
+
+    # -- training --------------------------------------------------------------------------------
+
+    def train_step(self, micro_batches: list[Batch]) -> dict[str, torch.Tensor]:
+        """One optimizer step over this rank's ``micro_batches`` (the global batch is the union
+        over dp ranks). Returns ``loss`` (global masked-token mean), ``grad_norm`` (before
+        clipping) and ``lr`` (used by this step), as tensors.
+
+        Raises:
+            ValueError: unless there are exactly ``train.grad_accum`` micro-batches (DeepSpeed's
+                accumulation boundary is counted in micro-steps).
+        """
+        if len(micro_batches) != self.grad_accum:
+            raise ValueError(
+                f"DeepSpeed steps every train.grad_accum={self.grad_accum} micro-batches, got {len(micro_batches)}"
+            )
+        self.engine.train()
+        n_tokens = sum(mb.loss_mask.sum() for mb in micro_batches).float().to(self.device)
+        dist.all_reduce(n_tokens, group=self.dp_group)
+        n_tokens = n_tokens.clamp_min(1)
+        total = torch.zeros((), device=self.device)
+        lr = torch.tensor(self.optimizer.param_groups[0]["lr"])
+        for mb in micro_batches:
+            logits = self.engine(mb.tokens.to(self.device))
+            loss = token_loss(logits, mb.labels.to(self.device), mb.loss_mask.to(self.device))
+            self.engine.backward(loss / n_tokens * self.dp_size, scale_wrt_gas=False)
+            self.engine.step()  # updates only at the accumulation boundary (the last micro-batch)
+            total += loss.detach()
+        grad_norm = torch.as_tensor(self.engine.get_global_grad_norm(), dtype=torch.float32).detach()
+        dist.all_reduce(total, group=self.dp_group)
+        return {"loss": total / n_tokens, "grad_norm": grad_norm.cpu(), "lr": lr}
+
+    @torch.no_grad()
+    def eval_loss(self, batches: list[Batch]) -> float:
+        """Mean next-token loss over the masked-in tokens of every rank's ``batches`` (a
+        collective: under ZeRO-3 every rank must pass the same number of batches)."""
+        self.engine.eval()
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for mb in batches:
+            logits = self.engine(mb.tokens.to(self.device))
+            sums[0] += token_loss(logits, mb.labels.to(self.device), mb.loss_mask.to(self.device)).double()
+            sums[1] += float(mb.loss_mask.sum())
+        dist.all_reduce(sums, group=self.dp_group)
+        self.engine.train()
+        return float(sums[0]) / max(float(sums[1]), 1.0)
+
+    # -- state -----------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"model", "optimizer", "scheduler"}`` (see the module docstring). Collective."""
+        return {
+            "model": self._full_model_state(),
+            "optimizer": self._optimizer_state(),
+            "scheduler": self.scheduler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load what :meth:`state_dict` returned (on any rank) or a single-process TrainModule's
+        ``model`` weights. Collective.
+
+        Raises:
+            ValueError: if the optimizer state was saved under another ZeRO stage or dp size.
+        """
+        self._load_full_model_state(state["model"])
+        self._load_optimizer_state(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def _named_unique_params(self) -> list[tuple[list[str], nn.Parameter]]:
+        by_id: dict[int, tuple[list[str], nn.Parameter]] = {}
+        for name, p in self.model.named_parameters(remove_duplicate=False):
+            by_id.setdefault(id(p), ([], p))[0].append(name)
+        return list(by_id.values())
+
+    def _full_model_state(self) -> dict[str, torch.Tensor]:
+        full: dict[str, torch.Tensor] = {}
+        for names, p in self._named_unique_params():  # same order on every rank: collectives
+            value = safe_get_full_fp32_param(p)
+            if value is None:  # no fp32 master (ZeRO-0 fp32, or a frozen param)
+                with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
+                    value = p.detach().float().clone()
+            value = value.detach().cpu().clone()
+            for name in names:
+                full[name] = value
+        out = {}
+        for key, value in self.model.state_dict().items():
+            out[key] = full[key] if key in full else value.detach().cpu().clone()
+        return out
+
+    def _load_full_model_state(self, weights: dict[str, torch.Tensor]) -> None:
+        expected = set(self.model.state_dict().keys())
+        missing, unexpected = expected - set(weights), set(weights) - expected
+        if missing or unexpected:
+            raise ValueError(
+                f"model state mismatch: missing {sorted(missing)}, unexpected {sorted(unexpected)}"
+            )
+        param_names = set()
+        for names, p in self._named_unique_params():
+            param_names.update(names)
+            value = weights[names[0]].to(self.device)
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=hasattr(p, "ds_id")):
+                p.data.copy_(value.to(p.dtype).view_as(p.data))
+            safe_set_full_fp32_param(p, value.float())
+        buffers = {k: v for k, v in weights.items() if k not in param_names}
+        self.model.load_state_dict(buffers, strict=False)
+
+    def _optimizer_state(self) -> dict[str, Any]:
+        local = _plain(self.optimizer.state_dict(), drop=_DROPPED_KEYS)
+        counters = {name: int(getattr(self.engine, name)) for name in _ENGINE_COUNTERS}
+        if self.dp_size == 1:
+            ranks = {"0": local}
+        else:
+            gathered: list[Any] | None = [None] * self.dp_size if self.dp_rank == 0 else None
+            dist.gather_object(local, gathered, dst=0, group=self.dp_group)
+            ranks = {str(r): sd for r, sd in enumerate(gathered)} if gathered else {str(self.dp_rank): local}
+        return {
+            "format": OPTIMIZER_FORMAT,
+            "zero_stage": self.zero_stage,
+            "dp": self.dp_size,
+            "engine": counters,
+            "ranks": ranks,
+        }
+
+    def _load_optimizer_state(self, part: dict[str, Any]) -> None:
+        if part.get("format") != OPTIMIZER_FORMAT:
+            raise ValueError(
+                "optimizer state is not a DeepSpeed per-rank state (saved by another engine?): "
+                "load the model weights only and start a fresh optimizer"
+            )
+        if part["zero_stage"] != self.zero_stage or part["dp"] != self.dp_size:
+            raise ValueError(
+                f"optimizer state was saved under ZeRO-{part['zero_stage']} with dp={part['dp']}, "
+                f"this run has ZeRO-{self.zero_stage} with dp={self.dp_size}: resume with the saved layout"
+            )
+        sd = dict(part["ranks"][str(self.dp_rank)])
+        if self.zero_stage == 0:
+            self.optimizer.load_state_dict(sd)
+        else:
+            sd["zero_stage"] = ZeroStageEnum(sd["zero_stage"])
+            sd["loss_scaler"] = self.optimizer.loss_scaler
+            self.optimizer.load_state_dict(
+                [sd] * self.dp_size, load_optimizer_states=True, load_from_fp32_weights=True
+            )
+        for name, value in part["engine"].items():
+            setattr(self.engine, name, int(value))
+
+
+def _plain(obj: Any, drop: tuple[str, ...] = ()) -> Any:
+    """A copy of ``obj`` made of tensors (detached, on CPU), dicts, lists, tuples and scalars."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach()
+        return t.clone() if t.device.type == "cpu" else t.cpu()
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items() if k not in drop}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_plain(v) for v in obj)
+    return obj
