@@ -102,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(p)
 
     from cluster.cli import add_cluster_commands
+    from data_pipeline.cli import add_data_commands
 
+    add_data_commands(sub)
     add_cluster_commands(sub)
     return parser
 
@@ -192,11 +194,18 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data(args: argparse.Namespace) -> int:
+    from data_pipeline.cli import cmd_data
+
+    return cmd_data(args)
+
+
 COMMANDS: dict[str, Any] = {
     "quickstart": _cmd_quickstart,
     "train": _cmd_train,
     "generate": _cmd_generate,
     "config": _cmd_config,
+    "data": _cmd_data,
 }
 
 

@@ -36,6 +36,15 @@ def resolve_tracking_uri(config: TrackingConfig, run_dir: Path) -> str:
     return f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
 
 
+def default_artifact_location(tracking_uri: str) -> str | None:
+    """Where a new experiment keeps artifacts: beside a local sqlite store (``mlartifacts/``
+    next to the ``.db`` file), else wherever the server decides (``None``). Without this MLflow
+    would write them to ``./mlruns`` in whatever directory the run was started from."""
+    if tracking_uri.startswith("sqlite:///"):
+        return (Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
 def flatten_params(data: Any, prefix: str = "") -> dict[str, str]:
     """``{"train": {"lr": 1e-3}}`` -> ``{"train.lr": "0.001"}`` (MLflow params are strings)."""
     out: dict[str, str] = {}

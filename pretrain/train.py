@@ -12,8 +12,8 @@ from typing import Any
 import torch
 
 from checkpoints import code_version
-from cluster.run_tags import RunTagsCallback, run_tags
 from cluster.env import ProcessEnv
+from cluster.run_tags import RunTagsCallback, run_tags
 from data_pipeline.tokenizer import SentencePieceTokenizer
 from pretrain.config import ConfigError
 from pretrain.data.loader import SampleLoader, build_gpt_datasets

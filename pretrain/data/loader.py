@@ -98,12 +98,25 @@ def build_gpt_datasets(
     )
     # Silence megatron's per-split INFO chatter; warnings still show.
     logging.getLogger("megatron.core.datasets").setLevel(logging.WARNING)
+    if weights is not None:
+        # megatron's BlendedDataset asks torch.distributed for the rank when it caches its
+        # indices; a one-process run gets an in-memory world of one.
+        _ensure_process_group()
+    # With weights megatron needs a size for every split ("size_is_none => weights_are_none").
+    test_samples = 0 if weights is not None else None
     train, valid, _ = BlendedMegatronDatasetBuilder(
-        GPTDataset, [train_samples, valid_samples, None], lambda: True, gpt_config
+        GPTDataset, [train_samples, valid_samples, test_samples], lambda: True, gpt_config
     ).build()
     if train is None or valid is None:
         raise ValueError(f"data.split={config.split!r} leaves no train or no validation documents")
     return train, valid
+
+
+def _ensure_process_group() -> None:
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 
 
 @dataclass

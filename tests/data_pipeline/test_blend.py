@@ -71,13 +71,6 @@ def test_single_dataset_blend_trains(tiny_corpus: dict[str, Path], tmp_path: Pat
     assert results["final_loss"] is not None and Path(results["checkpoint"]).is_dir()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=(AssertionError, ValueError),
-    reason="pretrain/data/loader.py cannot train on weighted blends yet: it passes test size None "
-    "with data.weights (megatron asserts size_is_none => weights_are_none) and megatron's "
-    "BlendedDataset calls torch.distributed.get_rank() without a process group",
-)
 def test_blended_run_config_trains(tiny_corpus: dict[str, Path], shards: Path, tmp_path: Path) -> None:
     from pretrain.train import run_training
 

@@ -65,3 +65,7 @@ def test_default_store_is_sqlite_in_run_dir(
     assert results["mlflow_tracking_uri"] == f"sqlite:///{(tmp_path / 'run' / 'mlflow.db').resolve()}"
     run = MlflowClient(results["mlflow_tracking_uri"]).get_run(results["mlflow_run_id"])
     assert run.data.params["train.steps"] == "2"
+    # Artifacts sit beside the store, not in ./mlruns of whatever directory the run started in.
+    artifacts = tmp_path / "run" / "mlartifacts"
+    assert run.info.artifact_uri.startswith(artifacts.resolve().as_uri())
+    assert list(artifacts.rglob("config.yaml"))
