@@ -133,6 +133,13 @@ class DeepSpeedTrainModule:
         )
         self.model: nn.Module = self.engine.module
         self.zero_stage = parallel_config.zero_stage
+        # ZeRO-0 in fp32 steps a torch optimizer on the model's own parameters; ZeRO-0 in bf16
+        # keeps fp32 masters in DeepSpeed's unfused optimizer (``fp32_groups``).
+        self._plain_optimizer = isinstance(self.optimizer, torch.optim.Optimizer)
+        self._stage0_masters: dict[int, torch.Tensor] = {}
+        if self.zero_stage == 0 and hasattr(self.optimizer, "fp32_groups"):
+            for low, high in zip(self.optimizer.fp16_groups, self.optimizer.fp32_groups, strict=True):
+                self._stage0_masters.update({id(p): m for p, m in zip(low, high, strict=True)})
 
     # -- training --------------------------------------------------------------------------------
 
@@ -155,13 +162,20 @@ class DeepSpeedTrainModule:
         n_tokens = n_tokens.clamp_min(1)
         total = torch.zeros((), device=self.device)
         lr = torch.tensor(self.optimizer.param_groups[0]["lr"])
-        for mb in micro_batches:
+        own_norm = None
+        for i, mb in enumerate(micro_batches):
             logits = self.engine(mb.tokens.to(self.device))
             loss = token_loss(logits, mb.labels.to(self.device), mb.loss_mask.to(self.device))
             self.engine.backward(loss / n_tokens * self.dp_size, scale_wrt_gas=False)
+            if i == len(micro_batches) - 1 and self._plain_optimizer:
+                # ZeRO-0 fp32 clips inside the engine and drops the norm: measure the
+                # all-reduced gradients here, before the step clips them.
+                grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+                own_norm = torch.nn.utils.get_total_norm(grads)
             self.engine.step()  # updates only at the accumulation boundary (the last micro-batch)
             total += loss.detach()
-        grad_norm = torch.as_tensor(self.engine.get_global_grad_norm(), dtype=torch.float32).detach()
+        norm = own_norm if own_norm is not None else self.engine.get_global_grad_norm()
+        grad_norm = torch.as_tensor(norm, dtype=torch.float32).detach()
         dist.all_reduce(total, group=self.dp_group)
         return {"loss": total / n_tokens, "grad_norm": grad_norm.cpu(), "lr": lr}
 
@@ -210,6 +224,8 @@ class DeepSpeedTrainModule:
         full: dict[str, torch.Tensor] = {}
         for names, p in self._named_unique_params():  # same order on every rank: collectives
             value = safe_get_full_fp32_param(p)
+            if value is None:
+                value = self._stage0_masters.get(id(p))
             if value is None:  # no fp32 master (ZeRO-0 fp32, or a frozen param)
                 with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
                     value = p.detach().float().clone()
@@ -235,6 +251,8 @@ class DeepSpeedTrainModule:
             with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=hasattr(p, "ds_id")):
                 p.data.copy_(value.to(p.dtype).view_as(p.data))
             safe_set_full_fp32_param(p, value.float())
+            if id(p) in self._stage0_masters:
+                self._stage0_masters[id(p)].data.copy_(value.float().view_as(p.data))
         buffers = {k: v for k, v in weights.items() if k not in param_names}
         self.model.load_state_dict(buffers, strict=False)
 

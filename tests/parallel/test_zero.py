@@ -1,11 +1,12 @@
 """DeepSpeed ZeRO: config building (no process group) and exactness against the single-process
 TrainModule on 2 gloo processes (fp32, tiny TransNormerLLM).
 
-One spawn runs every distributed check (DeepSpeed's engine init costs ~10 s per engine here):
-ZeRO-1/2/3 at dp=2 each train 10 steps on the halves of the same global batches as the
-reference; one step's gradients are gathered and compared tensor by tensor; ZeRO-1/2 rewind to a
-saved state and repeat their last steps; ZeRO-3 saves through our Checkpointer and a fresh engine
-resumes from it; its consolidated weights give a plain model the engine's logits.
+One spawn runs every distributed check (DeepSpeed's engine init costs ~5-10 s per engine here):
+ZeRO-0/1/2/3 at dp=2 each train 10 steps on the halves of the same global batches as the
+reference; one step's gradients are gathered and compared tensor by tensor; ZeRO-0/1/2 rewind to
+a saved state and repeat their last steps; ZeRO-3 saves through our Checkpointer and a fresh engine
+resumes from it; its consolidated weights give a plain model the engine's logits. A bf16 ZeRO-2
+run checks that checkpoints hold the fp32 masters, not the bf16 weights.
 """
 
 from __future__ import annotations
@@ -84,14 +85,13 @@ def _reference() -> tuple[list[dict[str, float]], dict[str, torch.Tensor]]:
 # -- distributed body ---------------------------------------------------------------------------
 
 
-def _engine(stage: int):
+def _engine(stage: int, precision: str = "fp32"):
     from parallel.engines.deepspeed import DeepSpeedTrainModule
 
     parallel = ParallelConfig(zero_stage=stage, engine="deepspeed")
     overrides = ZERO3_OVERRIDES if stage == 3 else None
-    return DeepSpeedTrainModule(
-        _model(), _train_config(), parallel, torch.device("cpu"), ds_overrides=overrides
-    )
+    train = _train_config().model_copy(update={"precision": precision})
+    return DeepSpeedTrainModule(_model(), train, parallel, torch.device("cpu"), ds_overrides=overrides)
 
 
 def _capture_first_grads(module, out: dict[str, torch.Tensor]) -> None:
@@ -126,7 +126,7 @@ def _zero_checks(rank: int, world_size: int, ckpt_root: str) -> dict:
     deepspeed.utils.logger.setLevel("WARNING")
     batches = _global_batches()
     results: dict = {}
-    for stage in (1, 2, 3):
+    for stage in (0, 1, 2, 3):
         module = _engine(stage)
         grads: dict[str, torch.Tensor] = {}
         _capture_first_grads(module, grads)
@@ -138,7 +138,7 @@ def _zero_checks(rank: int, world_size: int, ckpt_root: str) -> dict:
             dist.barrier()
         curve += _run(module, batches[SAVE_AT:], rank)
         entry = {"curve": curve, "grads": grads if rank == 0 else None}
-        if stage in (1, 2):  # rewind this engine through the checkpoint encoding and repeat
+        if stage < 3:  # rewind this engine through the checkpoint encoding and repeat
             tensors, skeleton = flatten_state(state)
             module.load_state_dict(unflatten_state(tensors, skeleton))
             entry["rewound"] = _run(module, batches[SAVE_AT:], rank)
@@ -155,6 +155,19 @@ def _zero_checks(rank: int, world_size: int, ckpt_root: str) -> dict:
             entry["final_weights"] = final if rank == 0 else None
             entry["saved_weights"] = loaded.state["model"] if rank == 0 else None
         results[stage] = entry
+    # bf16 (ZeRO-2): bf16 weights against fp32 masters; the checkpoint holds the masters
+    module = _engine(2, precision="bf16")
+    curve = _run(module, batches[:3], rank)
+    state = module.state_dict()
+    tensors, skeleton = flatten_state(state)
+    curve += _run(module, batches[3:5], rank)
+    module.load_state_dict(unflatten_state(tensors, skeleton))
+    results["bf16"] = {
+        "curve": curve,
+        "rewound": _run(module, batches[3:5], rank),
+        "weights": state["model"] if rank == 0 else None,
+        "param_dtype": str(next(module.model.parameters()).dtype),
+    }
     return _numpy(results)
 
 
@@ -185,7 +198,7 @@ def zero_results(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"ranks": per_rank, "ref_curve": ref_curve, "ref_grads": ref_grads}
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_loss_curve_matches_single_process(zero_results: dict, stage: int) -> None:
     ref = zero_results["ref_curve"]
     for rank_results in zero_results["ranks"]:
@@ -197,7 +210,7 @@ def test_loss_curve_matches_single_process(zero_results: dict, stage: int) -> No
             assert got["lr"] == pytest.approx(want["lr"], rel=1e-7)
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_gathered_gradients_match(zero_results: dict, stage: int) -> None:
     grads = zero_results["ranks"][0][stage]["grads"]
     ref = zero_results["ref_grads"]
@@ -208,7 +221,7 @@ def test_gathered_gradients_match(zero_results: dict, stage: int) -> None:
         )
 
 
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [0, 1, 2])
 def test_rewind_repeats_steps_exactly(zero_results: dict, stage: int) -> None:
     for rank_results in zero_results["ranks"]:
         entry = rank_results[stage]
@@ -234,6 +247,22 @@ def test_zero3_consolidated_weights_load_into_plain_model(zero_results: dict) ->
     torch.testing.assert_close(logits, torch.from_numpy(entry["engine_logits"]), rtol=0, atol=0)
     # and the checkpoint saved mid-run held full fp32 weights too
     assert all(entry["saved_weights"][k].shape == v.shape for k, v in weights.items())
+
+
+def test_bf16_trains_close_to_fp32_and_saves_fp32_masters(zero_results: dict) -> None:
+    ref = zero_results["ref_curve"]
+    for rank_results in zero_results["ranks"]:
+        entry = rank_results["bf16"]
+        assert entry["param_dtype"] == "torch.bfloat16"
+        for got, want in zip(entry["curve"], ref):
+            assert _rel(got["loss"], want["loss"]) < 2e-2
+        assert entry["rewound"] == entry["curve"][3:]
+    weights = zero_results["ranks"][0]["bf16"]["weights"]
+    for name, w in weights.items():
+        w = torch.from_numpy(w)
+        assert w.dtype == torch.float32
+        if "weight" in name:  # masters moved off the bf16 grid after 3 AdamW steps
+            assert not torch.equal(w, w.bfloat16().float()), name
 
 
 # -- config building (no process group) ---------------------------------------------------------
