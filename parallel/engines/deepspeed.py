@@ -20,7 +20,8 @@ checkpoint callback never branch on ``zero``:
       pickle-free for our Checkpointer (the loss-scaler object and slice-mapping metadata are
       dropped and rebuilt on load: they are derived or unused in fp32/bf16), plus the engine's
       step counters. Resuming needs the same ZeRO stage and dp size, and continues bit-exactly;
-      a different layout is refused with a message (re-initialise the optimizer from ``model``);
+      a different layout is refused with a message (then use :meth:`load_model_weights` and a
+      fresh optimizer);
     - ``scheduler``: our ``LambdaLR`` state (the schedule stays ours in every engine).
 
 Limits: dp only (tp = pp = cp = 1) over the default process group. In bf16 DeepSpeed trains bf16
@@ -210,7 +211,7 @@ class DeepSpeedTrainModule:
         Raises:
             ValueError: if the optimizer state was saved under another ZeRO stage or dp size.
         """
-        self._load_full_model_state(state["model"])
+        self.load_model_weights(state["model"])
         self._load_optimizer_state(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
@@ -237,7 +238,10 @@ class DeepSpeedTrainModule:
             out[key] = full[key] if key in full else value.detach().cpu().clone()
         return out
 
-    def _load_full_model_state(self, weights: dict[str, torch.Tensor]) -> None:
+    def load_model_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Set the weights (and fp32 masters) from a full single-process ``model`` state dict, e.g.
+        one saved by the native TrainModule or under another layout. Collective; the optimizer
+        state is left as is."""
         expected = set(self.model.state_dict().keys())
         missing, unexpected = expected - set(weights), set(weights) - expected
         if missing or unexpected:
