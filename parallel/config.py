@@ -22,6 +22,8 @@ class ParallelConfig(Config):
     """Pipeline-parallel degree (layers split into stages)."""
     cp: int = 1
     """Context-parallel degree (the sequence split across ranks, LASP for linear attention)."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism in the norm/residual regions (megatron engine, tp > 1)."""
     zero_stage: Literal[0, 1, 2, 3] = 0
     """DeepSpeed ZeRO stage (0 = off)."""
     offload: bool = False

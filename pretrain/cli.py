@@ -68,6 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("config", type=Path, help="run config YAML, e.g. configs/tnl-tiny.yaml")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=1,
+        metavar="N",
+        help="start N local processes (torch.distributed.run); under torchrun or srun leave it at 1",
+    )
     _add_set(p)
 
     p = sub.add_parser(
@@ -137,13 +144,41 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def _launch_local(args: argparse.Namespace) -> int:
+    """Re-run this command under ``torch.distributed.run`` with N processes on this node."""
+    import subprocess
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={args.nproc_per_node}",
+        "-m",
+        "pretrain.cli",
+        "train",
+        str(args.config),
+    ]
+    cmd += [x for s in args.overrides for x in ("--set", s)]
+    if args.no_progress:
+        cmd.append("--no-progress")
+    return subprocess.call(cmd)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
+    import os
+
     from pretrain.run_config import RunConfig
     from pretrain.train import run_training
 
-    config = RunConfig.from_yaml(args.config, args.overrides)
+    config = RunConfig.from_yaml(args.config, args.overrides)  # fail on typos before launching
+    if args.nproc_per_node > 1 and "RANK" not in os.environ:
+        return _launch_local(args)
     results = run_training(config, config_path=args.config, progress=not args.no_progress)
-    print(json.dumps({k: v for k, v in results.items() if not isinstance(v, dict)}, indent=2, default=str))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(
+            json.dumps({k: v for k, v in results.items() if not isinstance(v, dict)}, indent=2, default=str)
+        )
     return 0
 
 
@@ -222,5 +257,31 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _exit(code: int) -> None:
+    """Leave the process. A multi-process run first tears its process group down and then skips
+    interpreter shutdown: torch + gloo can abort at exit otherwise (SIGABRT in most runs)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        import multiprocessing.util
+        import os
+
+        try:
+            if code == 0:
+                dist.barrier()
+            dist.destroy_process_group()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            multiprocessing.util._exit_function()
+            os._exit(code)
+    sys.exit(code)
+
+
+def run() -> None:
+    """Console entry point (``pretrain``)."""
+    _exit(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

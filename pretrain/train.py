@@ -15,6 +15,7 @@ from checkpoints import code_version
 from cluster.env import ProcessEnv
 from cluster.run_tags import RunTagsCallback, run_tags
 from data_pipeline.tokenizer import SentencePieceTokenizer
+from parallel.apply import build_train_module, check_layout
 from pretrain.config import ConfigError
 from pretrain.data.loader import SampleLoader, build_gpt_datasets
 from pretrain.run_config import RunConfig
@@ -27,20 +28,10 @@ from pretrain.trainer.callbacks.mlflow import MLflowCallback
 from pretrain.trainer.callbacks.progress import ProgressCallback
 from pretrain.trainer.callbacks.speed_monitor import SpeedMonitorCallback
 from pretrain.trainer.callbacks.stability import StabilityCallback
-from pretrain.trainer.train_module import TrainModule, resolve_device
+from pretrain.trainer.train_module import resolve_device
 from pretrain.trainer.trainer import Trainer, seed_everything
 
 logger = logging.getLogger(__name__)
-
-
-def _check_single_process(config: RunConfig, env: ProcessEnv) -> None:
-    p = config.parallel
-    if env.world_size > 1 or p.model_parallel_size > 1 or p.zero_stage or p.engine != "native":
-        raise ConfigError(
-            "this trainer runs one process with parallel.engine=native, tp=pp=cp=1 and zero_stage=0 "
-            f"(got world size {env.world_size}, parallel={p.to_dict()}); the megatron-core and "
-            "DeepSpeed engines take the other layouts"
-        )
 
 
 def run_training(
@@ -54,7 +45,7 @@ def run_training(
         ``checkpoint_dir``, ``run_dir``, ``mlflow_run_id``, ``mlflow_tracking_uri``.
     """
     env = ProcessEnv.from_environ()
-    _check_single_process(config, env)
+    check_layout(config.parallel, env.world_size)
     config.data.check_files()
     run_dir = config.resolved_run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -80,12 +71,16 @@ def run_training(
         valid_samples=tc.eval_batches * tc.micro_batch_size,
         cache_dir=Path(config.data.cache_dir) if config.data.cache_dir else run_dir / "data_cache",
     )
+    # Every rank builds the same weights from the same seed; the engine then shards them.
     model = config.model.build()
     model.init_weights(torch.Generator().manual_seed(tc.seed))
     model.to(device)
-    module = TrainModule(model, tc, device)
-    loader = SampleLoader(train_ds, tc.micro_batch_size)
-    eval_loader = SampleLoader(valid_ds, tc.micro_batch_size)
+    setup = build_train_module(
+        model, tc, config.parallel, device, env, seq_len=config.data.seq_len, model_config=config.model
+    )
+    module = setup.train_module
+    loader = SampleLoader(train_ds, tc.micro_batch_size, dp_rank=setup.dp_rank, dp_size=setup.dp_size)
+    eval_loader = SampleLoader(valid_ds, tc.micro_batch_size, dp_rank=setup.dp_rank, dp_size=setup.dp_size)
     eval_batches = [eval_loader.next_micro_batch() for _ in range(tc.eval_batches)]
 
     tracking_uri = resolve_tracking_uri(config.tracking, run_dir)
@@ -103,15 +98,17 @@ def run_training(
             metadata=metadata,
             files={"tokenizer.model": Path(config.data.tokenizer), "config.yaml": resolved_path},
         ),
+        # Throughput counts the global batch; MFU divides by the peak of every device in the job.
         "speed": SpeedMonitorCallback(
             config.model.flops_per_token(config.data.seq_len),
-            tc.micro_batch_size * tc.grad_accum * config.data.seq_len,
-            tc.peak_flops,
+            tc.micro_batch_size * tc.grad_accum * config.data.seq_len * setup.dp_size,
+            tc.peak_flops * env.world_size if tc.peak_flops else None,
+            devices=env.world_size,
         ),
         "memory": MemoryMonitorCallback(),
         "stability": StabilityCallback(tc.spike_factor),
         "evaluation": EvaluationCallback(eval_batches, tc.eval_interval),
-        "progress": ProgressCallback(progress),
+        "progress": ProgressCallback(progress and env.is_main),
         "metrics_file": MetricsFileCallback(run_dir / "metrics.jsonl"),
     }
     if config.tracking.enabled:

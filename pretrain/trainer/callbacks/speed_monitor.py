@@ -18,13 +18,18 @@ class SpeedMonitorCallback(Callback):
     Args:
         flops_per_token: training FLOPs per token of the model (forward + backward).
         tokens_per_step: tokens in one optimizer step on this rank.
-        peak: peak FLOP/s of the device; ``None`` looks it up.
+        peak: peak FLOP/s of all devices together; ``None`` looks up one device's and multiplies
+            it by ``devices``.
+        devices: how many devices run the step.
     """
 
-    def __init__(self, flops_per_token: float, tokens_per_step: int, peak: float | None = None) -> None:
+    def __init__(
+        self, flops_per_token: float, tokens_per_step: int, peak: float | None = None, devices: int = 1
+    ) -> None:
         self.flops_per_token = flops_per_token
         self.tokens_per_step = tokens_per_step
         self.peak = peak
+        self.devices = devices
         self._window_start: float | None = None
         self._window_steps = 0
         self._total_time = 0.0
@@ -32,7 +37,7 @@ class SpeedMonitorCallback(Callback):
 
     def pre_train(self) -> None:
         if self.peak is None:
-            self.peak = peak_flops(self.trainer.device)
+            self.peak = peak_flops(self.trainer.device) * self.devices
 
     def _sync(self) -> None:
         if self.trainer.device.type == "cuda":
