@@ -90,6 +90,16 @@ def run_training(
         "config_hash": config.config_hash(),
         "tokenizer": {"file": "tokenizer.model", **tokenizer.unique_identifiers},
         "code_version": code_version(),
+        # The layout the state was trained under; the saved state itself is layout-free (full).
+        "layout": {
+            "engine": config.parallel.engine,
+            "world_size": env.world_size,
+            "tp": config.parallel.tp,
+            "pp": config.parallel.pp,
+            "cp": config.parallel.cp,
+            "dp": setup.dp_size,
+            "zero_stage": config.parallel.zero_stage,
+        },
     }
     callbacks = {
         "checkpoint": CheckpointCallback(

@@ -163,8 +163,26 @@ class SampleLoader:
             loss_mask=torch.stack([s["loss_mask"] for s in samples]),
         )
 
+    @property
+    def samples_per_call(self) -> int:
+        """Global samples consumed by one ``next_micro_batch`` call (all dp ranks together)."""
+        return self.micro_batch_size * self.dp_size
+
     def state_dict(self) -> dict[str, int]:
-        return {"consumed_samples": self.consumed_samples}
+        return {"consumed_samples": self.consumed_samples, "samples_per_call": self.samples_per_call}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        """Resume at the saved global sample position. The sample stream is one global order, so
+        a new layout never skips or repeats a sample; if the global micro-batch changed size
+        (another dp or micro-batch size), batch boundaries differ from the saved run's: say so."""
         self.consumed_samples = int(state["consumed_samples"])
+        saved = state.get("samples_per_call")
+        if saved is not None and int(saved) != self.samples_per_call:
+            logger.warning(
+                "global micro-batch changed from %d to %d samples (micro_batch_size x dp): resuming at "
+                "sample %d of the same order without skipping or repeating data, but batches are "
+                "composed differently from the saved run's",
+                int(saved),
+                self.samples_per_call,
+                self.consumed_samples,
+            )

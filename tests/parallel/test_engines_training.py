@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from checkpoints import verify_checkpoint
 from configs import preset_path
 from pretrain.trainer.callbacks.metrics_file import read_metrics
 from tests.conftest import tiny_overrides
@@ -56,6 +57,9 @@ def test_megatron_tp2_matches_single_process_and_reshards(
     tp_dir = tmp_path / "tp2"
     tp = _train(tiny_corpus, tp_dir, nproc=2, **{"parallel.engine": "megatron", "parallel.tp": 2})
     _assert_same_curve(tp, reference, range(1, STEPS + 1))
+    manifest = verify_checkpoint(tp_dir / "checkpoints" / "step_00000003")
+    layout = manifest["metadata"]["layout"]
+    assert (layout["engine"], layout["tp"], layout["dp"], layout["world_size"]) == ("megatron", 2, 1, 2)
 
     # Resume the tp=2 checkpoint of step 3 in one process: the rest of the curve is the same.
     resumed_dir = tmp_path / "resumed"
