@@ -7,7 +7,9 @@ Compares, at b=1, H=4, d=64, fp32 (defaults):
 * ``sdpa``: PyTorch ``F.scaled_dot_product_attention(is_causal=True)`` (softmax attention);
 * ``naive``: the masked quadratic linear attention ``((Q K^T) * M) V`` with autograd.
 
-Time: one warm-up pass, then the median of ``--passes`` passes of forward + backward (only
+Time: wall clock (``--clock wall``, default) or process CPU time (``--clock cpu``; on a shared
+machine CPU time with ``--threads 1`` is far steadier than wall time, since a multi-threaded op
+waits for its slowest, possibly descheduled, thread). One warm-up pass, then the median of ``--passes`` passes of forward + backward (only
 one pass when a pass takes over 20 s, as the O(n^2) forms do at long lengths). Each worker
 first runs its implementation once at n=128 so that library initialisation is not measured.
 
@@ -21,7 +23,7 @@ allocator slack; compare them between implementations, not with theoretical byte
 
 Run (2 threads, every length up to 32K where time and memory allow)::
 
-    .venv/bin/python bench/bench_attention.py [--max-n 32768] [--passes 5] [--threads 2]
+    .venv/bin/python bench/bench_attention.py [--max-n 32768] [--passes 5] [--threads 2] [--clock wall]
     .venv/bin/python bench/bench_attention.py --block-sizes      # tune the torch block size
 
 The naive form needs O(n^2) memory (several n x n fp32 matrices per head) and is skipped above
@@ -81,16 +83,24 @@ def _worker(impl: str, n: int, passes: int, threads: int, heads: int, dim: int, 
     grad = torch.randn(1, heads, n, dim)
     base = _rss_mib()
     times: list[float] = []
+    cpu_times: list[float] = []
     while len(times) < passes + 1:
         if len(times) == 2 and times[1] > 20:  # slow (the O(n^2) forms at 8K+): stop at 2 passes
             break
         for t in (q, k, v):
             t.grad = None
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         fn(q, k, v).backward(grad)
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
-    return {"impl": impl, "n": n, "seconds": statistics.median(times[1:]), "peak_mib": peak - base}
+    return {
+        "impl": impl,
+        "n": n,
+        "wall_seconds": statistics.median(times[1:]),
+        "cpu_seconds": statistics.median(cpu_times[1:]),
+        "peak_mib": peak - base,
+    }
 
 
 def _run(impl: str, n: int, args: argparse.Namespace, block: int) -> dict:
@@ -101,7 +111,9 @@ def _run(impl: str, n: int, args: argparse.Namespace, block: int) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
         return {"impl": impl, "n": n, "error": proc.stderr.strip().splitlines()[-1:]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    row["seconds"] = row[f"{args.clock}_seconds"]
+    return row
 
 
 def _ratios(rows: list[dict]) -> dict:
@@ -134,6 +146,13 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=None, help="torch backend block size (default: its own)")
     parser.add_argument(
         "--block-sizes", action="store_true", help="time the torch backend's block sizes instead"
+    )
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="time the table and ratios use: wall clock, or process CPU time (steadier on a shared "
+        "machine with --threads 1; both are saved)",
     )
     parser.add_argument("--out", type=Path, default=Path("bench/results/attention.json"))
     parser.add_argument("--worker", nargs=2, metavar=("IMPL", "N"), help=argparse.SUPPRESS)
@@ -180,7 +199,10 @@ def main() -> None:
             if n <= limits[impl]:
                 rows.append(_run(impl, n, args, block))
                 console.log(rows[-1])
-    table = Table(title=f"attention fwd+bwd, b=1, H={args.heads}, d={args.dim}, fp32, {args.threads} threads")
+    title = (
+        f"attention fwd+bwd ({args.clock} s), b=1, H={args.heads}, d={args.dim}, fp32, {args.threads} threads"
+    )
+    table = Table(title=title)
     table.add_column("n", justify="right")
     for impl in IMPLS:
         table.add_column(f"{impl} s", justify="right")
@@ -203,6 +225,7 @@ def main() -> None:
         "threads": args.threads,
         "passes": args.passes,
         "block": block,
+        "clock": args.clock,
     }
     args.out.write_text(json.dumps({"config": config, "rows": rows, "ratios": ratios}, indent=2))
     console.print(f"wrote {args.out}")
