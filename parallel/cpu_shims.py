@@ -20,8 +20,12 @@ What is shimmed, and why:
   The tracker's check that the *CPU* RNG did not move inside a fork is meaningless when the
   forked generator *is* the CPU one; its log line is filtered out.
 
+* Pipeline schedules (``megatron.core.pipeline_parallel``): ``p2p_communication`` allocates
+  its shape messages and receive buffers on ``torch.cuda.current_device()`` and calls
+  ``torch.cuda.synchronize()`` (both redirected as above); ``schedules`` counts tokens in
+  ``torch.zeros(..., device="cuda")``, which inside that module allocates on CPU instead.
+
 Not shimmed (not used by this platform's megatron engine yet; each asserts on CPU):
-``pipeline_parallel.schedules`` (``device="cuda"`` literals), ``p2p_communication``,
 ``dist_checkpointing.save`` (``torch.cuda.synchronize``), megatron's optimizer with grad
 clipping and its bf16 optimizer.
 """
@@ -39,8 +43,12 @@ _DEVICE_MODULES = (
     "megatron.core.tensor_parallel.layers",
     "megatron.core.tensor_parallel.utils",
     "megatron.core.utils",
+    "megatron.core.pipeline_parallel.p2p_communication",
 )
 """megatron modules whose ``torch.cuda.current_device()`` allocations are redirected to CPU."""
+
+_SCHEDULES_MODULE = "megatron.core.pipeline_parallel.schedules"
+"""megatron module whose ``device="cuda"`` tensor literals are redirected to CPU."""
 
 _RNG_MODULE = "megatron.core.tensor_parallel.random"
 
@@ -84,6 +92,21 @@ class _CpuTorch:
         return getattr(torch, name)
 
 
+def _cpu_device(device: Any) -> Any:
+    """``"cuda"`` (or a CUDA device) -> CPU; anything else unchanged."""
+    if device is not None and torch.device(device).type == "cuda":
+        return torch.device("cpu")
+    return device
+
+
+class _CpuTorchSchedules(_CpuTorch):
+    """``torch`` inside megatron's schedules: tensor factories given ``device="cuda"`` allocate on CPU."""
+
+    @staticmethod
+    def zeros(*size: Any, device: Any = None, **kwargs: Any) -> torch.Tensor:
+        return torch.zeros(*size, device=_cpu_device(device), **kwargs)
+
+
 def _cpu_get_rng_state(device: Any = "cuda", clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
     return torch.get_rng_state()
 
@@ -118,6 +141,7 @@ def apply_cpu_shims() -> bool:
         return True
     for name in _DEVICE_MODULES:
         importlib.import_module(name).torch = _CpuTorch()
+    importlib.import_module(_SCHEDULES_MODULE).torch = _CpuTorchSchedules()
     rng = importlib.import_module(_RNG_MODULE)
     rng._get_cuda_rng_state = _cpu_get_rng_state
     rng._set_cuda_rng_state = _cpu_set_rng_state

@@ -1,11 +1,20 @@
-"""The megatron engine's train module: tensor (+ sequence) parallelism from megatron-core and
-data parallelism over ``topo.dp_group``, with the interface of the single-process
+"""The megatron engine's train module: tensor (+ sequence) parallelism from megatron-core,
+pipeline parallelism driven by megatron-core's 1F1B schedule (:mod:`parallel.pipeline`),
+context parallelism by LASP (:mod:`parallel.context`) and data parallelism over
+``topo.dp_group``, with the interface of the single-process
 :class:`pretrain.trainer.train_module.TrainModule`.
 
+Order of the transforms: tensor parallelism on the whole model, then context parallelism
+(swaps the token mixers), then the pipeline split keeps this rank's stage.
+
 Exactness: the loss is the mean over *all* masked-in tokens of all micro-batches on all
-data-parallel ranks (the token count is all-reduced first), gradients are summed over the DP
-group, and the global gradient norm counts each TP shard once and replicated parameters once.
-So a run at tp x dp equals the single-process run on the concatenated batch up to fp32 rounding.
+data-parallel ranks (the token count is all-reduced first; each cp rank counts the full
+sequences it was given, so the dp group suffices), each cp rank back-propagates the share of
+its sequence chunk, gradients are summed over the dp x cp group, and the global gradient norm
+counts each TP shard once, replicated parameters once and sums over the pipeline stages. So a
+run at tp x pp x cp x dp equals the single-process run on the concatenated batch up to fp32
+rounding. With pp > 1 the train micro-batches are the schedule's micro-batches (1F1B), and
+the loss is computed on the last stage and broadcast over the pipeline group.
 
 Data parallelism is a flattened all-reduce of the gradients after the last micro-batch (one
 collective per step; no overlap with the backward). megatron's ``DistributedDataParallel``
@@ -13,15 +22,17 @@ would add bucketing/overlap through ``param.main_grad`` buffers; at the sizes th
 on CPU it buys nothing, and the plain ``.grad`` keeps clipping and the torch optimizer simple.
 
 Checkpoints: :meth:`MegatronTrainModule.state_dict` returns the *full* single-process layout
-(model and AdamW moments unsharded, plain parameter names), so a checkpoint saved at tp=2
-loads at tp=1 (a plain ``TrainModule``) or any other tp, and vice versa. Memory trade-off: TP
-rank 0 of each TP group assembles the whole model and both Adam moments (3x the parameters,
-in their dtype) for the duration of the call, and the loader needs the full state on every
-rank. Fine while the full state fits one host's memory; beyond that, use sharded checkpoints
+(model and AdamW moments unsharded and gathered from every pipeline stage, plain parameter
+names, optimizer indices of the single-process model), so a checkpoint saved at tp=2 x pp=2
+loads at tp=1 (a plain ``TrainModule``) or any other layout, and vice versa. Memory
+trade-off: global rank 0 (TP rank 0 and first stage of each replica) assembles the whole model
+and both Adam moments (3x the parameters, in their dtype) for the duration of the call, and
+the loader needs the full state on every rank. Fine while the full state fits one host's memory; beyond that, use sharded checkpoints
 (megatron ``dist_checkpointing``, not wired on CPU yet).
 
-Not implemented here: pipeline parallelism (``parallel.pp > 1``), context parallelism (LASP,
-``parallel.cp > 1``), megatron's distributed optimizer / ZeRO (use ``engine=deepspeed``).
+Not implemented here: context parallelism together with tensor parallelism (LASP swaps the
+plain token mixer, not the tensor-parallel one), tied embeddings with pp > 1, the interleaved
+(virtual pipeline) schedule, megatron's distributed optimizer / ZeRO (use ``engine=deepspeed``).
 """
 
 from __future__ import annotations
@@ -35,6 +46,8 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from parallel.config import ParallelConfig
+from parallel.context import apply_context_parallel, split_batch_for_cp
+from parallel.pipeline import apply_pipeline_parallel, run_schedule
 from parallel.tensor import (
     apply_tensor_parallel,
     gather_full_state_dict,
@@ -54,10 +67,23 @@ def _is_tensor_parallel(model: nn.Module) -> bool:
     return any(is_tp_sharded(p) for p in model.parameters())
 
 
-class MegatronTrainModule:
-    """Model + AdamW + warmup/cosine schedule over a tensor x data parallel layout.
+def _is_context_parallel(model: nn.Module) -> bool:
+    return any(hasattr(m, "_context_parallel") for m in model.modules())
 
-    Every TP rank of a TP group must be given the same micro-batches; each DP rank its own.
+
+def _optimizer_groups(model: nn.Module) -> list[list[str]]:
+    """Parameter names in ``TrainModule``'s optimizer order: decayed (ndim >= 2), then the rest."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [n for n, p in named if p.ndim >= 2]
+    no_decay = [n for n, p in named if p.ndim < 2]
+    return [decay, no_decay] if no_decay else [decay]
+
+
+class MegatronTrainModule:
+    """Model + AdamW + warmup/cosine schedule over a tensor x pipeline x context x data parallel layout.
+
+    Every TP, CP and PP rank of a data-parallel replica must be given the same (whole-sequence)
+    micro-batches; each DP rank its own.
 
     Args:
         model: a built plain TransNormerLLM (same weights on every rank, e.g. same seed) - it is
@@ -80,14 +106,10 @@ class MegatronTrainModule:
         *,
         sequence_parallel: bool = False,
     ) -> None:
-        if parallel_config.pp > 1:
+        if parallel_config.cp > 1 and parallel_config.tp > 1:
             raise NotImplementedError(
-                "pipeline parallelism (parallel.pp > 1) is not implemented in the megatron engine; use pp=1"
-            )
-        if parallel_config.cp > 1:
-            raise NotImplementedError(
-                "context parallelism (parallel.cp > 1, LASP in parallel/context.py) is not wired into the "
-                "megatron engine yet; use cp=1"
+                "context parallelism (LASP) together with tensor parallelism is not implemented: "
+                "set parallel.tp=1 or parallel.cp=1"
             )
         if parallel_config.zero_stage > 0 or parallel_config.offload:
             raise NotImplementedError(
@@ -101,23 +123,37 @@ class MegatronTrainModule:
             )
         if (topo.tp, topo.pp, topo.cp) != (parallel_config.tp, parallel_config.pp, parallel_config.cp):
             raise ValueError(
-                f"{topo} does not match parallel config tp={parallel_config.tp}, pp={parallel_config.pp}"
+                f"{topo} does not match parallel config tp={parallel_config.tp}, pp={parallel_config.pp}, "
+                f"cp={parallel_config.cp}"
             )
         if not topo.is_built:
             raise RuntimeError("MegatronTrainModule needs a built Topology (call topo.build())")
         if not _is_tensor_parallel(model):
             apply_tensor_parallel(model, topo, sequence_parallel=sequence_parallel)
+        if topo.cp > 1 and not _is_context_parallel(model):
+            apply_context_parallel(model, topo.cp_group)
+        # the single-process optimizer layout, recorded before the pipeline split drops parts
+        full_groups = _optimizer_groups(model)
+        if topo.pp > 1:
+            model = apply_pipeline_parallel(model, topo, sequence_parallel=sequence_parallel)
         self.model = model
         self.config = train_config
         self.topo = topo
         self.device = device
+        self.sequence_parallel = sequence_parallel
         self.autocast_dtype = resolve_dtype(train_config.precision, device)
-        # the same parameter groups, in the same order, as TrainModule: optimizer states map 1:1
-        decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-        no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-        groups = [{"params": decay, "weight_decay": train_config.weight_decay}]
-        if no_decay:
-            groups.append({"params": no_decay, "weight_decay": 0.0})
+        # The same parameter groups as TrainModule (a stage keeps its part of each, possibly none):
+        # local optimizer index i is full index self._full_index[i].
+        local = dict(model.named_parameters())
+        full_order = [n for g in full_groups for n in g]
+        self._full_size = [len(g) for g in full_groups]
+        local_groups = [[n for n in g if n in local] for g in full_groups]
+        self._full_index = [full_order.index(n) for g in local_groups for n in g]
+        decays = [train_config.weight_decay, 0.0]
+        groups = [
+            {"params": [local[n] for n in g], "weight_decay": wd}
+            for g, wd in zip(local_groups, decays, strict=False)
+        ]
         self.optimizer = torch.optim.AdamW(
             groups,
             lr=train_config.lr,
@@ -143,9 +179,25 @@ class MegatronTrainModule:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
+    def _local(self, mb: Batch) -> Batch:
+        """This cp rank's chunk of a whole-sequence micro-batch."""
+        return split_batch_for_cp(mb, self.topo.cp_rank, self.topo.cp) if self.topo.cp > 1 else mb
+
+    def _reduce_replicas(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over the data x context parallel group (in place), e.g. per-rank loss shares."""
+        if self.topo.dp * self.topo.cp > 1:
+            dist.all_reduce(t, group=self.topo.dp_cp_group)
+        return t
+
+    def _from_last_stage(self, t: torch.Tensor) -> torch.Tensor:
+        """The last pipeline stage's value of ``t`` on every stage (in place)."""
+        if self.topo.pp > 1:
+            dist.broadcast(t, group=self.topo.pp_group, group_src=self.topo.pp - 1)
+        return t
+
     def _all_reduce_grads(self) -> None:
-        """Sum gradients over the data-parallel group (one flattened collective)."""
-        if self.topo.dp == 1:
+        """Sum gradients over the data x context parallel group (one flattened collective)."""
+        if self.topo.dp * self.topo.cp == 1:
             return
         params = self._params()
         for p in params:
@@ -153,13 +205,14 @@ class MegatronTrainModule:
                 p.grad = torch.zeros_like(p)
         grads = [p.grad for p in params]
         flat = _flatten_dense_tensors(grads)
-        dist.all_reduce(flat, group=self.topo.dp_group)
+        dist.all_reduce(flat, group=self.topo.dp_cp_group)
         for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
             g.copy_(synced)
 
     def _clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Global L2 norm of the gradients across TP shards (each counted once; replicated
-        parameters counted once) and clipping as ``torch.nn.utils.clip_grad_norm_`` does."""
+        parameters counted once) and pipeline stages, and clipping as
+        ``torch.nn.utils.clip_grad_norm_`` does."""
         grads = [p.grad for p in self._params() if p.grad is not None]
         sharded = [p.grad for p in self._params() if p.grad is not None and is_tp_sharded(p)]
         replicated = [p.grad for p in self._params() if p.grad is not None and not is_tp_sharded(p)]
@@ -168,11 +221,35 @@ class MegatronTrainModule:
         if self.topo.tp > 1:
             dist.all_reduce(sq, group=self.topo.tp_group)
         sq = sq + sum((g.float().pow(2).sum() for g in replicated), zero)
+        if self.topo.pp > 1:
+            dist.all_reduce(sq, group=self.topo.pp_group)
         norm = sq.sqrt()
         if max_norm != float("inf"):
             coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
             torch._foreach_mul_(grads, coef)
         return norm
+
+    def _pipeline(self, micro_batches: list[Batch], loss_of: Any, *, forward_only: bool) -> list[Any]:
+        """megatron's 1F1B schedule over ``micro_batches``; ``loss_of(logits, local_batch)`` is
+        the last stage's loss function. Returns its reports (last stage only)."""
+
+        def forward_step(data: Any, stage: nn.Module) -> tuple[torch.Tensor, Any]:
+            mb = self._local(next(data))
+            with self._autocast():
+                out = stage(mb.tokens)
+            return out, lambda logits: loss_of(logits, mb)
+
+        tokens = micro_batches[0].tokens
+        return run_schedule(
+            self.model,
+            self.topo,
+            forward_step,
+            iter(micro_batches),
+            num_microbatches=len(micro_batches),
+            seq_length=tokens.shape[1],
+            micro_batch_size=tokens.shape[0],
+            forward_only=forward_only,
+        )
 
     def train_step(self, micro_batches: list[Batch]) -> dict[str, torch.Tensor]:
         """One optimizer step over this rank's ``micro_batches``; the loss is the mean over all
@@ -186,14 +263,22 @@ class MegatronTrainModule:
             dist.all_reduce(n_tokens, group=self.topo.dp_group)
         n_tokens = n_tokens.clamp_min(1)
         total = torch.zeros((), device=self.device)
-        for mb in micro_batches:
-            with self._autocast():
-                logits = self.model(mb.tokens)
-            loss = tp_token_loss(logits, mb.labels, mb.loss_mask) / n_tokens
-            loss.backward()
-            total += loss.detach()
-        if self.topo.dp > 1:
-            dist.all_reduce(total, group=self.topo.dp_group)
+        if self.topo.pp > 1:
+
+            def loss_of(logits: torch.Tensor, mb: Batch) -> tuple[torch.Tensor, torch.Tensor, dict]:
+                loss = tp_token_loss(logits, mb.labels, mb.loss_mask) / n_tokens
+                return loss, mb.loss_mask.sum().int(), {"loss": loss.detach()}
+
+            for report in self._pipeline(micro_batches, loss_of, forward_only=False):
+                total += report["loss"]
+        else:
+            for mb in map(self._local, micro_batches):
+                with self._autocast():
+                    logits = self.model(mb.tokens)
+                loss = tp_token_loss(logits, mb.labels, mb.loss_mask) / n_tokens
+                loss.backward()
+                total += loss.detach()
+        self._from_last_stage(self._reduce_replicas(total))
         self._all_reduce_grads()
         max_norm = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
         grad_norm = self._clip_grad_norm(max_norm)
@@ -208,21 +293,40 @@ class MegatronTrainModule:
         """Mean next-token loss (nats) over every DP rank's ``batches``."""
         self.model.eval()
         sums = torch.zeros(2, device=self.device, dtype=torch.float64)  # loss sum, token count
-        for mb in batches:
-            with self._autocast():
-                logits = self.model(mb.tokens)
-            sums[0] += tp_token_loss(logits, mb.labels, mb.loss_mask).double()
-            sums[1] += mb.loss_mask.sum().double()
-        if self.topo.dp > 1:
-            dist.all_reduce(sums, group=self.topo.dp_group)
+        if self.topo.pp > 1:
+
+            def loss_of(logits: torch.Tensor, mb: Batch) -> tuple[torch.Tensor, torch.Tensor, dict]:
+                loss = tp_token_loss(logits, mb.labels, mb.loss_mask)
+                count = mb.loss_mask.sum()
+                return loss, count.int(), {"sum": loss.double(), "count": count.double()}
+
+            for report in self._pipeline(batches, loss_of, forward_only=True):
+                sums[0] += report["sum"]
+                sums[1] += report["count"]
+        else:
+            for mb in map(self._local, batches):
+                with self._autocast():
+                    logits = self.model(mb.tokens)
+                sums[0] += tp_token_loss(logits, mb.labels, mb.loss_mask).double()
+                sums[1] += mb.loss_mask.sum().double()
+        self._from_last_stage(self._reduce_replicas(sums))
         self.model.train()
         return float(sums[0]) / max(float(sums[1]), 1.0)
 
+    def _full_param_groups(self, local_groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Optimizer param groups with the single-process model's parameter indices."""
+        out, start = [], 0
+        for group, size in zip(local_groups, self._full_size, strict=True):
+            out.append({**group, "params": list(range(start, start + size))})
+            start += size
+        return out
+
     def state_dict(self) -> dict[str, Any]:
         """Full single-process-layout state (``model``, ``optimizer``, ``scheduler``), loadable by
-        ``TrainModule`` or by this class at any tp.
+        ``TrainModule`` or by this class at any tp / pp / cp.
 
-        Collective over the TP group; TP rank 0 of each group gets the state, other ranks ``{}``.
+        Collective over the TP and pipeline groups; TP rank 0 of the first stage of each replica
+        (so global rank 0) gets the state, other ranks ``{}``.
         """
         model = gather_full_state_dict(self.model, self.topo)
         local = self.optimizer.state_dict()
@@ -236,29 +340,50 @@ class MegatronTrainModule:
                     entry[key] = gather_tensor(value, p, self.topo)
                 else:
                     entry[key] = value.clone() if torch.is_tensor(value) else value
-            state[idx] = entry
-        if self.topo.tp_rank != 0:
+            state[self._full_index[idx]] = entry
+        if self.topo.pp > 1:  # every stage's part to the first stage
+            parts: list[Any] | None = [None] * self.topo.pp if self.topo.is_first_stage else None
+            mine = (model, state) if self.topo.tp_rank == 0 else None
+            dist.gather_object(mine, parts, group=self.topo.pp_group, group_dst=0)
+            if parts is not None and self.topo.tp_rank == 0:
+                model, state = {}, {}
+                for part_model, part_state in parts:
+                    model.update(part_model)
+                    state.update(part_state)
+        if self.topo.tp_rank != 0 or not self.topo.is_first_stage:
             return {}
         return {
             "model": model,
-            "optimizer": {"state": state, "param_groups": local["param_groups"]},
+            "optimizer": {
+                "state": dict(sorted(state.items())),
+                "param_groups": self._full_param_groups(local["param_groups"]),
+            },
             "scheduler": self.scheduler.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Load a full single-process-layout state (from this class at any tp, or from
-        ``TrainModule``); every rank passes the same full state and keeps its shard."""
-        load_full_state_dict(self.model, state["model"], self.topo)
+        """Load a full single-process-layout state (from this class at any layout, or from
+        ``TrainModule``); every rank passes the same full state and keeps its part."""
+        own = set(self.model.state_dict())
+        load_full_state_dict(self.model, {k: v for k, v in state["model"].items() if k in own}, self.topo)
         full = state["optimizer"]
+        full_state = {int(k): v for k, v in full["state"].items()}
         params = self._params()
         local_state = {}
-        for idx, entry in full["state"].items():
-            p = params[int(idx)]
+        for idx, full_idx in enumerate(self._full_index):
+            if full_idx not in full_state:
+                continue
+            p = params[idx]
             local_state[idx] = {
                 key: shard_tensor(value, p, self.topo)
                 if torch.is_tensor(value) and value.dim() > 0 and is_tp_sharded(p)
                 else value
-                for key, value in entry.items()
+                for key, value in full_state[full_idx].items()
             }
-        self.optimizer.load_state_dict({"state": local_state, "param_groups": full["param_groups"]})
+        local_groups, start = [], 0
+        for group in full["param_groups"]:
+            n_local = len(self.optimizer.param_groups[len(local_groups)]["params"])
+            local_groups.append({**group, "params": list(range(start, start + n_local))})
+            start += n_local
+        self.optimizer.load_state_dict({"state": local_state, "param_groups": local_groups})
         self.scheduler.load_state_dict(state["scheduler"])
