@@ -143,3 +143,186 @@ def init_deepspeed_distributed(backend: str | None = None) -> None:
     import deepspeed
 
     deepspeed.init_distributed(dist_backend=backend or dist.get_backend(), dist_init_required=False)
+
+
+# -- the optimizer state in the single-process layout ------------------------------------------
+#
+# "Canonical" = what ``torch.optim.AdamW(groups).state_dict()`` of the single-process
+# TrainModule holds: ``param_groups`` (decay >= 2-D params first, then no-decay; hyperparameters
+# plus ``params`` as int indices in that order) and ``state[index] = {"step", "exp_avg",
+# "exp_avg_sq"}`` with full, unpartitioned tensors. ZeRO-1/2/3 keep these moments as flat fp32
+# partitions (one per param group and dp rank); the functions below move between the two.
+
+_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def base_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer that DeepSpeed's (ZeRO or mixed-precision) wrapper steps."""
+    return optimizer if isinstance(optimizer, torch.optim.Optimizer) else optimizer.optimizer
+
+
+def _hyper_groups(optimizer: Any, n_groups: int) -> list[dict[str, Any]]:
+    """The live param-group dicts whose hyperparameters (lr, betas, ...) mirror our groups."""
+    groups = base_optimizer(optimizer).param_groups
+    if len(groups) != n_groups:
+        raise RuntimeError(f"DeepSpeed optimizer has {len(groups)} param groups, expected {n_groups}")
+    return groups
+
+
+def _current_step(base: torch.optim.Optimizer) -> float | None:
+    steps = [float(s["step"]) for s in base.state.values() if "step" in s]
+    return max(steps) if steps else None
+
+
+def _full_moment(optimizer: Any, param: torch.nn.Parameter, key: str) -> torch.Tensor:
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    value = safe_get_full_optimizer_state(param, key)  # a collective over the dp group
+    if value is None:
+        raise RuntimeError(
+            f"no DeepSpeed optimizer state {key!r} for a parameter of shape {tuple(param.shape)}"
+        )
+    return value.detach().float().cpu().clone().view(_full_shape(param))
+
+
+def _full_shape(param: torch.nn.Parameter) -> torch.Size:
+    return param.ds_shape if hasattr(param, "ds_shape") else param.shape
+
+
+def gather_adamw_state(
+    optimizer: Any, groups: list[list[torch.nn.Parameter]], zero_stage: int
+) -> dict[str, Any]:
+    """The canonical AdamW ``state_dict`` of a DeepSpeed optimizer, full on every rank.
+
+    A collective over the dp group under ZeRO-1/2/3 (every rank must call it, same order).
+
+    Args:
+        optimizer: ``deepspeed.initialize``'s optimizer (torch AdamW, DeepSpeed's mixed-precision
+            wrapper, or a ZeRO optimizer).
+        groups: the model parameters in the param groups given to ``deepspeed.initialize``.
+        zero_stage: the ZeRO stage.
+
+    Returns:
+        ``{"state", "param_groups"}`` as ``torch.optim.AdamW.state_dict()`` of the single-process
+        module would hold it (tensors on CPU).
+    """
+    base = base_optimizer(optimizer)
+    hyper = _hyper_groups(optimizer, len(groups))
+    if zero_stage == 0:  # torch AdamW on the parameters (or their fp32 masters): already per-parameter
+        for live, params in zip(hyper, groups, strict=True):
+            if len(live["params"]) != len(params):
+                raise RuntimeError("ZeRO-0 optimizer groups do not match the model's param groups")
+        return _cpu(base.state_dict())
+    step = _current_step(base)
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    param_groups = []
+    index = 0
+    for live, params in zip(hyper, groups, strict=True):
+        ids = []
+        for p in params:
+            if step is not None:
+                entry: dict[str, torch.Tensor] = {"step": torch.tensor(step, dtype=torch.float32)}
+                for key in _MOMENTS:
+                    entry[key] = _full_moment(optimizer, p, key)
+                state[index] = entry
+            ids.append(index)
+            index += 1
+        group = {k: _cpu(v) for k, v in live.items() if k != "params"}
+        group["params"] = ids
+        param_groups.append(group)
+    return {"state": state, "param_groups": param_groups}
+
+
+def scatter_adamw_state(
+    optimizer: Any, groups: list[list[torch.nn.Parameter]], zero_stage: int, state_dict: dict[str, Any]
+) -> None:
+    """Load a canonical AdamW ``state_dict`` (see :func:`gather_adamw_state`) into a DeepSpeed
+    optimizer of any ZeRO stage and dp size: each rank keeps its own slice of the moments.
+
+    Raises:
+        ValueError: if the param groups or tensor shapes do not match the model's.
+    """
+    saved_groups = state_dict["param_groups"]
+    if [len(g["params"]) for g in saved_groups] != [len(g) for g in groups]:
+        raise ValueError(
+            "optimizer state does not match the model: param group sizes "
+            f"{[len(g['params']) for g in saved_groups]} vs {[len(g) for g in groups]}"
+        )
+    flat = [p for params in groups for p in params]
+    saved_state = {int(k): v for k, v in state_dict["state"].items()}
+    for group, params in zip(saved_groups, groups, strict=True):
+        for i, p in zip(group["params"], params, strict=True):
+            for key in _MOMENTS:
+                if i in saved_state and tuple(saved_state[i][key].shape) != tuple(_full_shape(p)):
+                    raise ValueError(
+                        f"optimizer state {key} of param {i} has shape {tuple(saved_state[i][key].shape)}, "
+                        f"the model's is {tuple(_full_shape(p))}"
+                    )
+    base = base_optimizer(optimizer)
+    if zero_stage == 0:
+        base.load_state_dict(state_dict)
+        return
+    for live, saved in zip(_hyper_groups(optimizer, len(groups)), saved_groups, strict=True):
+        live.update({k: v for k, v in saved.items() if k != "params"})
+    if not saved_state:  # saved before the first step: a fresh optimizer
+        base.state.clear()
+        _relink(optimizer)
+        return
+    order = [i for g in saved_groups for i in g["params"]]
+    step = float(saved_state[order[0]]["step"])
+    for part in _flat_partitions(optimizer):  # AdamW creates its state lazily, at the first step
+        entry = base.state[part]
+        entry["step"] = torch.tensor(step, dtype=torch.float32)
+        for key in _MOMENTS:
+            if key not in entry:
+                entry[key] = torch.zeros_like(part, memory_format=torch.preserve_format)
+    _relink(optimizer)
+    for i, p in zip(order, flat, strict=True):
+        for key in _MOMENTS:
+            _set_moment(optimizer, p, saved_state[i][key], key)
+
+
+def _flat_partitions(optimizer: Any) -> list[torch.Tensor]:
+    """This rank's flat fp32 partitions, the keys of the torch optimizer's state."""
+    for name in (
+        "fp32_partitioned_groups_flat",
+        "single_partition_of_fp32_groups",
+        "fp32_groups_flat_partition",
+    ):
+        parts = getattr(optimizer, name, None)
+        if parts is not None:
+            return list(parts)
+    raise RuntimeError(f"unsupported DeepSpeed optimizer {type(optimizer).__name__}: no flat fp32 partitions")
+
+
+def _relink(optimizer: Any) -> None:
+    """ZeRO-1/2 (and the bf16 optimizer) view each parameter's fragment of the flat state once it
+    exists; re-point those views at the state tensors present now."""
+    if hasattr(optimizer, "_hp_optimizer_states_linked"):
+        optimizer._hp_optimizer_states_linked = False
+        optimizer._lazy_init_hp_params_optimizer_state()
+
+
+def _set_moment(optimizer: Any, param: torch.nn.Parameter, value: torch.Tensor, key: str) -> None:
+    from deepspeed.utils import safe_set_full_optimizer_state
+
+    if hasattr(param, "ds_id"):  # ZeRO-3: this rank's slice of the (padded) flat parameter
+        part, _ = optimizer._get_fp32_opt_state_partition(
+            param, release_swap_buffers=False, optim_state_key=key
+        )
+        rank, n = optimizer._get_param_partition_rank(param), part.numel()
+        chunk = value.reshape(-1)[rank * n : (rank + 1) * n]
+        part[: chunk.numel()].copy_(chunk.to(part.dtype))
+        return
+    safe_set_full_optimizer_state(param, value.to(param.device, torch.float32), key)
+
+
+def _cpu(obj: Any) -> Any:
+    """A copy of ``obj`` with every tensor detached, cloned and on the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().clone()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu(v) for v in obj)
+    return obj

@@ -15,13 +15,14 @@ checkpoint callback never branch on ``zero``:
 * ``state_dict()`` (a collective: every rank must call it) returns
     - ``model``: the FULL fp32 weights in the plain model's layout (ZeRO-1/2: assembled from the
       fp32 master partitions; ZeRO-3: all-gathered), loadable into a single-process model;
-    - ``optimizer``: DeepSpeed's own (partitioned) optimizer state of every dp rank, gathered to
-      dp rank 0 under ``ranks[str(rank)]`` (other ranks hold only their own entry), made
-      pickle-free for our Checkpointer (the loss-scaler object and slice-mapping metadata are
-      dropped and rebuilt on load: they are derived or unused in fp32/bf16), plus the engine's
-      step counters. Resuming needs the same ZeRO stage and dp size, and continues bit-exactly;
-      a different layout is refused with a message (then use :meth:`load_model_weights` and a
-      fresh optimizer);
+    - ``optimizer``: the single-process TrainModule's torch AdamW ``state_dict`` (param groups
+      decay then no-decay, ``state[int] = {step, exp_avg, exp_avg_sq}`` with full tensors),
+      consolidated from the ZeRO-1/2/3 flat fp32 partitions (collectives over the dp group; every
+      rank gets the full state). :meth:`load_state_dict` partitions such a state into the engine
+      under any ZeRO stage and dp size, so DeepSpeed, native and megatron checkpoints are
+      interchangeable; under the same layout the resume is bit-exact. The engine's step counters
+      are derived from the optimizer step. Checkpoints of the older per-rank format
+      (``format: deepspeed-zero-per-rank``) still load under their own stage and dp size;
     - ``scheduler``: our ``LambdaLR`` state (the schedule stays ours in every engine).
 
 Limits: dp only (tp = pp = cp = 1) over the default process group. In bf16 DeepSpeed trains bf16
@@ -31,7 +32,6 @@ Activation checkpointing is applied to the plain model before it is wrapped here
 
 from __future__ import annotations
 
-import enum
 from typing import Any
 
 import deepspeed
@@ -42,17 +42,18 @@ from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 from torch import nn
 
 from parallel.config import ParallelConfig
-from parallel.zero import build_deepspeed_config, init_deepspeed_distributed
+from parallel.zero import (
+    build_deepspeed_config,
+    gather_adamw_state,
+    init_deepspeed_distributed,
+    scatter_adamw_state,
+)
 from pretrain.data.loader import Batch
 from pretrain.trainer.config import TrainConfig
 from pretrain.trainer.train_module import cosine_with_warmup, token_loss
 
-OPTIMIZER_FORMAT = "deepspeed-zero-per-rank"
-# Keys of DeepSpeed's optimizer state dict that hold objects rather than data. The loss scaler is
-# static (scale 1) in fp32/bf16, so the live one is kept on load; the slice mappings and universal
-# checkpoint info are derived from the parameter layout and only used by universal checkpoints.
-_DROPPED_KEYS = ("loss_scaler", "param_slice_mappings", "universal_checkpoint_info")
-_ENGINE_COUNTERS = ("global_steps", "global_samples", "micro_steps", "skipped_steps")
+# The format tag of checkpoints written before the canonical layout (still loadable, same layout).
+PER_RANK_FORMAT = "deepspeed-zero-per-rank"
 
 
 class DeepSpeedTrainModule:
@@ -113,6 +114,8 @@ class DeepSpeedTrainModule:
         groups = [{"params": decay, "weight_decay": train_config.weight_decay}]
         if no_decay:
             groups.append({"params": no_decay, "weight_decay": 0.0})
+        # The TrainModule's group order: the canonical optimizer state indexes params in it.
+        self._param_groups: list[list[nn.Parameter]] = [g["params"] for g in groups]
 
         def schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
             return torch.optim.lr_scheduler.LambdaLR(
@@ -261,32 +264,33 @@ class DeepSpeedTrainModule:
         self.model.load_state_dict(buffers, strict=False)
 
     def _optimizer_state(self) -> dict[str, Any]:
-        local = _plain(self.optimizer.state_dict(), drop=_DROPPED_KEYS)
-        counters = {name: int(getattr(self.engine, name)) for name in _ENGINE_COUNTERS}
-        if self.dp_size == 1:
-            ranks = {"0": local}
-        else:
-            gathered: list[Any] | None = [None] * self.dp_size if self.dp_rank == 0 else None
-            dist.gather_object(local, gathered, dst=0, group=self.dp_group)
-            ranks = {str(r): sd for r, sd in enumerate(gathered)} if gathered else {str(self.dp_rank): local}
-        return {
-            "format": OPTIMIZER_FORMAT,
-            "zero_stage": self.zero_stage,
-            "dp": self.dp_size,
-            "engine": counters,
-            "ranks": ranks,
-        }
+        return gather_adamw_state(self.optimizer, self._param_groups, self.zero_stage)
 
     def _load_optimizer_state(self, part: dict[str, Any]) -> None:
-        if part.get("format") != OPTIMIZER_FORMAT:
+        if part.get("format") == PER_RANK_FORMAT:
+            self._load_per_rank_state(part)
+            return
+        if "param_groups" not in part or "state" not in part:
             raise ValueError(
-                "optimizer state is not a DeepSpeed per-rank state (saved by another engine?): "
-                "load the model weights only and start a fresh optimizer"
+                "optimizer state is neither a torch AdamW state_dict nor a DeepSpeed per-rank state: "
+                "load the model weights only (load_model_weights) and start a fresh optimizer"
             )
+        scatter_adamw_state(self.optimizer, self._param_groups, self.zero_stage, part)
+        # The engine's counters follow from the optimizer step (fp32/bf16 never skip a step).
+        steps = max((int(float(s["step"])) for s in part["state"].values()), default=0)
+        self.engine.global_steps = steps
+        self.engine.global_samples = steps * self.engine.train_batch_size()
+        self.engine.micro_steps = steps * self.grad_accum
+        self.engine.skipped_steps = 0
+
+    def _load_per_rank_state(self, part: dict[str, Any]) -> None:
+        """Checkpoints written before the canonical layout: DeepSpeed's own partitioned state of
+        every rank, loadable only under the same ZeRO stage and dp size."""
         if part["zero_stage"] != self.zero_stage or part["dp"] != self.dp_size:
             raise ValueError(
-                f"optimizer state was saved under ZeRO-{part['zero_stage']} with dp={part['dp']}, "
-                f"this run has ZeRO-{self.zero_stage} with dp={self.dp_size}: resume with the saved layout"
+                f"optimizer state was saved per rank under ZeRO-{part['zero_stage']} with dp={part['dp']}, "
+                f"this run has ZeRO-{self.zero_stage} with dp={self.dp_size}: resume with the saved layout, "
+                "or load the model weights only (load_model_weights) and start a fresh optimizer"
             )
         sd = dict(part["ranks"][str(self.dp_rank)])
         if self.zero_stage == 0:
@@ -299,17 +303,3 @@ class DeepSpeedTrainModule:
             )
         for name, value in part["engine"].items():
             setattr(self.engine, name, int(value))
-
-
-def _plain(obj: Any, drop: tuple[str, ...] = ()) -> Any:
-    """A copy of ``obj`` made of tensors (detached, on CPU), dicts, lists, tuples and scalars."""
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach()
-        return t.clone() if t.device.type == "cpu" else t.cpu()
-    if isinstance(obj, enum.Enum):
-        return obj.value
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items() if k not in drop}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_plain(v) for v in obj)
-    return obj
