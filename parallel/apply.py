@@ -7,11 +7,12 @@ applies data parallelism / ZeRO). The trainer only sees the ``TrainModule`` inte
 | engine    | processes | what it runs                                                    |
 |-----------|-----------|-----------------------------------------------------------------|
 | native    | 1         | plain PyTorch (``TrainModule``)                                 |
-| megatron  | any       | megatron-core tensor (+ sequence) parallel x data parallel      |
+| megatron  | any       | megatron-core tensor (+ sequence) x pipeline (1F1B) parallel,   |
+|           |           | LASP context parallel (tp=1) x data parallel                    |
 | deepspeed | any       | DeepSpeed ZeRO 0-3 (+ CPU offload) x data parallel              |
 
-Pipeline (``pp``) and context (``cp``, LASP) parallelism exist as transforms
-(``parallel.context``) but no engine drives them yet; such layouts are refused up front.
+Pipeline (``pp``) and context (``cp``, LASP) parallelism run in the megatron engine only; the
+megatron engine applies them itself (after tensor parallelism). Other layouts are refused up front.
 """
 
 from __future__ import annotations
@@ -50,15 +51,22 @@ def check_layout(parallel: ParallelConfig, world_size: int) -> None:
         parallel.dp_for(world_size)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    if parallel.pp > 1:
+    if parallel.pp > 1 and parallel.engine != "megatron":
         raise ConfigError(
-            "parallel.pp > 1: pipeline parallelism is not available in any engine yet; set parallel.pp=1"
+            f"parallel.pp > 1: pipeline parallelism runs in the megatron engine only (engine={parallel.engine}); "
+            "set parallel.engine=megatron or parallel.pp=1"
         )
     if parallel.cp > 1:
-        raise ConfigError(
-            "parallel.cp > 1: LASP context parallelism exists as a transform (parallel.context) but no "
-            "engine drives it yet; set parallel.cp=1"
-        )
+        if parallel.engine != "megatron":
+            raise ConfigError(
+                f"parallel.cp > 1: LASP context parallelism runs in the megatron engine only "
+                f"(engine={parallel.engine}); set parallel.engine=megatron or parallel.cp=1"
+            )
+        if parallel.tp > 1:
+            raise ConfigError(
+                "parallel.cp > 1 with parallel.tp > 1: LASP is not implemented for the tensor-parallel "
+                "token mixer; set parallel.tp=1 or parallel.cp=1"
+            )
     if parallel.engine == "native":
         if world_size > 1 or parallel.tp > 1 or parallel.zero_stage:
             raise ConfigError(
@@ -117,9 +125,15 @@ def build_train_module(
 
         topo = Topology.from_config(parallel, env.world_size)
         topo.validate_for_model(model_config, seq_len=seq_len, sequence_parallel=parallel.sequence_parallel)
+        if parallel.pp > 1 and getattr(model_config, "tie_word_embeddings", False):
+            raise ConfigError(
+                "parallel.pp > 1 with model.tie_word_embeddings=true is not supported (the shared matrix "
+                "would live on the first and the last stage): set model.tie_word_embeddings=false or parallel.pp=1"
+            )
         topo.build()
         model = apply_tensor_parallel(model, topo, sequence_parallel=parallel.sequence_parallel)
         model = apply_activation_checkpointing(model, parallel.activation_checkpointing)
+        # context parallelism and the pipeline split are applied inside (after tensor parallelism)
         module = MegatronTrainModule(
             model, train, parallel, topo, device, sequence_parallel=parallel.sequence_parallel
         )

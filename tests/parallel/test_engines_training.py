@@ -102,3 +102,47 @@ def test_impossible_layout_fails_before_work(
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert message in proc.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_megatron_tp2_pp2_matches_single_process_and_resumes_in_one(
+    tiny_corpus: dict[str, Path], tmp_path: Path
+) -> None:
+    # grad_accum=2: the two micro-batches of a step are the 1F1B schedule's micro-batches.
+    accum = {"train.grad_accum": 2}
+    reference = _train(tiny_corpus, tmp_path / "ref", **accum)
+    run_dir = tmp_path / "tp2pp2"
+    layout = {"parallel.engine": "megatron", "parallel.tp": 2, "parallel.pp": 2}
+    got = _train(tiny_corpus, run_dir, nproc=4, **accum, **layout)
+    _assert_same_curve(got, reference, range(1, STEPS + 1))
+
+    # The tp=2 x pp=2 checkpoint of step 3 holds the full layout: one process resumes it.
+    resumed_dir = tmp_path / "resumed"
+    (resumed_dir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(run_dir / "checkpoints" / "step_00000003", resumed_dir / "checkpoints" / "step_00000003")
+    resumed = _train(tiny_corpus, resumed_dir, **accum)
+    assert sorted(resumed) == list(range(4, STEPS + 1))
+    _assert_same_curve(resumed, reference, range(4, STEPS + 1))
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (
+            {"parallel.pp": 2, "parallel.engine": "deepspeed"},
+            "pipeline parallelism runs in the megatron engine only",
+        ),
+        ({"parallel.cp": 2}, "LASP context parallelism runs in the megatron engine only"),
+        ({"parallel.engine": "megatron", "parallel.tp": 2, "parallel.cp": 2}, "LASP is not implemented"),
+    ],
+)
+def test_pipeline_and_context_layouts_refused_outside_megatron(sets: dict, message: str) -> None:
+    from parallel.apply import check_layout
+    from parallel.config import ParallelConfig
+    from pretrain.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        check_layout(ParallelConfig(**_fields(sets)), world_size=4)
+
+
+def _fields(sets: dict) -> dict:
+    return {k.removeprefix("parallel."): v for k, v in sets.items()}
