@@ -36,7 +36,7 @@ BACKENDS = ("auto", "torch", "lightning", "fla")
 
 _GPU_BACKENDS = {
     "lightning": ("lightning_attn", "lightning-attn==0.0.5 triton (or tnl-platform[kernels])"),
-    "fla": ("fla", "fla-core triton"),
+    "fla": ("fla", "fla-core triton (a release whose chunk_simple_gla takes g_gamma)"),
 }
 """GPU backend -> (module to import, what to pip install)."""
 
@@ -181,7 +181,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "torch":
         return backend
     package, install = _GPU_BACKENDS[backend]
-    if not _importable(package):
+    if not (_importable(package) and _importable("triton")):
         raise RuntimeError(
             f"linear attention backend {backend!r} needs the {package!r} package: pip install {install}"
         )
