@@ -33,12 +33,18 @@ from parallel.cpu_shims import apply_cpu_shims
 from parallel.topology import Topology
 
 
-def stage_layers(n_layers: int, pp: int, pp_rank: int) -> range:
-    """Global indices of the decoder layers held by pipeline stage ``pp_rank``."""
-    if n_layers % pp:
-        raise ValueError(f"model.n_layers={n_layers} is not divisible by parallel.pp={pp}")
-    per = n_layers // pp
-    return range(pp_rank * per, (pp_rank + 1) * per)
+def stage_layers(n_layers: int, pp: int, pp_rank: int, *, vp: int = 1, vp_stage: int = 0) -> range:
+    """Global indices of the decoder layers of model chunk ``vp_stage`` on pipeline rank ``pp_rank``.
+
+    With ``vp`` virtual stages (interleaved schedule) the layers are cut into ``pp * vp`` chunks
+    and rank ``r`` holds chunks ``r, r + pp, ...`` (megatron's layout).
+    """
+    if n_layers % (pp * vp):
+        what = f"parallel.pp={pp}" if vp == 1 else f"pp * virtual stages = {pp} * {vp}"
+        raise ValueError(f"model.n_layers={n_layers} is not divisible by {what}")
+    per = n_layers // (pp * vp)
+    chunk = vp_stage * pp + pp_rank
+    return range(chunk * per, (chunk + 1) * per)
 
 
 @dataclass
@@ -106,10 +112,36 @@ class PipelineStage(nn.Module):
         return x if self.sequence_parallel else x.transpose(0, 1).contiguous()
 
 
+class PipelineModel(nn.Module):
+    """Everything this rank holds of the model, under the plain model's parameter names.
+
+    ``chunks`` are the :class:`PipelineStage` views (one, or one per virtual stage) handed to
+    megatron's schedule; they share these modules and are not registered again, so the state
+    dict and ``parameters()`` have each tensor once.
+    """
+
+    def __init__(self, full: nn.Module, chunks: list[PipelineStage]) -> None:
+        super().__init__()
+        self.model = _StageBody()
+        if chunks[0].is_first:
+            self.model.embed_tokens = full.model.embed_tokens
+        layers = sorted((int(i), m) for c in chunks for i, m in c.model.layers.items())
+        self.model.layers = nn.ModuleDict({str(i): m for i, m in layers})
+        if chunks[-1].is_last:
+            self.model.final_norm = full.model.final_norm
+            self.lm_head = full.lm_head
+        self.chunks = chunks
+
+    def forward(self, *args: Any) -> Any:
+        raise RuntimeError("a pipeline-parallel model runs through run_schedule(), not a direct call")
+
+
 def apply_pipeline_parallel(
-    model: nn.Module, topo: Topology, *, sequence_parallel: bool = False
-) -> PipelineStage:
-    """This rank's pipeline stage of ``model`` (a built TransNormerLLM, TP/CP already applied).
+    model: nn.Module, topo: Topology, *, sequence_parallel: bool = False, virtual_stages: int = 1
+) -> PipelineModel:
+    """This rank's part of ``model`` (a built TransNormerLLM, TP/CP already applied) for
+    ``topo.pp`` pipeline stages, each cut into ``virtual_stages`` model chunks (> 1: megatron's
+    interleaved 1F1B schedule).
 
     Raises:
         ValueError: if the layers do not split evenly or the embeddings are tied.
@@ -131,29 +163,37 @@ def apply_pipeline_parallel(
         pipeline_dtype=dtype,
         params_dtype=dtype,
         batch_p2p_comm=False,
+        virtual_pipeline_model_parallel_size=virtual_stages if virtual_stages > 1 else None,
     )
-    layers = stage_layers(cfg.n_layers, topo.pp, topo.pp_rank)
-    return PipelineStage(
-        model, layers, first=topo.is_first_stage, last=topo.is_last_stage,
-        sequence_parallel=sequence_parallel, config=config,
-    )  # fmt: skip
+    chunks = []
+    for v in range(virtual_stages):
+        layers = stage_layers(cfg.n_layers, topo.pp, topo.pp_rank, vp=virtual_stages, vp_stage=v)
+        chunk = PipelineStage(
+            model, layers, first=topo.is_first_stage and v == 0,
+            last=topo.is_last_stage and v == virtual_stages - 1,
+            sequence_parallel=sequence_parallel, config=config,
+        )  # fmt: skip
+        if virtual_stages > 1:
+            chunk.vp_stage = v
+        chunks.append(chunk)
+    return PipelineModel(model, chunks)
 
 
 def run_schedule(
-    stage: PipelineStage,
+    model: PipelineModel,
     topo: Topology,
     forward_step: Callable[[Iterator[Any], PipelineStage], tuple[Tensor, Callable]],
-    data: Iterator[Any],
+    data: Callable[[], Iterator[Any]],
     *,
     num_microbatches: int,
     seq_length: int,
     micro_batch_size: int,
     forward_only: bool = False,
 ) -> list[Any]:
-    """One pass of megatron's 1F1B schedule over ``num_microbatches``; returns what the last
-    stage's loss function reported per micro-batch (``[]`` on other stages).
-
-    ``seq_length`` is the full sequence length (megatron divides by cp, and by tp with SP).
+    """One pass of megatron's 1F1B schedule (interleaved with virtual stages) over
+    ``num_microbatches``; returns what the last stage's loss function reported per micro-batch
+    (``[]`` on other ranks). ``data()`` makes a fresh iterator over the micro-batches (one per
+    model chunk). ``seq_length`` is the full sequence length (megatron divides by cp, and by tp with SP).
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
@@ -162,12 +202,14 @@ def run_schedule(
     pgs = ProcessGroupCollection(
         tp=topo.tp_group, pp=topo.pp_group, cp=topo.cp_group, dp_cp=topo.dp_cp_group, embd=None, pos_embd=None
     )
-    p2p = P2PCommunicator(pp_group=topo.pp_group, config=stage.config)
-    fb = get_forward_backward_func(pp_size=topo.pp, vp_size=None)
+    chunks = model.chunks
+    config = chunks[0].config
+    p2p = P2PCommunicator(pp_group=topo.pp_group, config=config)
+    fb = get_forward_backward_func(pp_size=topo.pp, vp_size=config.virtual_pipeline_model_parallel_size)
     return fb(
         forward_step_func=forward_step,
-        data_iterator=data,
-        model=stage,
+        data_iterator=[data() for _ in chunks],
+        model=chunks,
         num_microbatches=num_microbatches,
         seq_length=seq_length,
         micro_batch_size=micro_batch_size,

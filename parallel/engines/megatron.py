@@ -31,8 +31,9 @@ the loader needs the full state on every rank. Fine while the full state fits on
 (megatron ``dist_checkpointing``, not wired on CPU yet).
 
 Not implemented here: context parallelism together with tensor parallelism (LASP swaps the
-plain token mixer, not the tensor-parallel one), tied embeddings with pp > 1, the interleaved
-(virtual pipeline) schedule, megatron's distributed optimizer / ZeRO (use ``engine=deepspeed``).
+plain token mixer, not the tensor-parallel one), tied embeddings with pp > 1, megatron's
+distributed optimizer / ZeRO (use ``engine=deepspeed``). The interleaved (virtual pipeline)
+schedule runs (``virtual_stages``) but has no config field yet.
 """
 
 from __future__ import annotations
@@ -94,6 +95,9 @@ class MegatronTrainModule:
         topo: a built :class:`parallel.topology.Topology`.
         device: where the model lives.
         sequence_parallel: Megatron sequence parallelism in the norm/residual regions (tp > 1).
+        virtual_stages: model chunks per pipeline rank (> 1: megatron's interleaved 1F1B
+            schedule; needs ``n_layers`` divisible by ``pp * virtual_stages`` and at least ``pp``
+            micro-batches per step).
     """
 
     def __init__(
@@ -105,7 +109,10 @@ class MegatronTrainModule:
         device: torch.device,
         *,
         sequence_parallel: bool = False,
+        virtual_stages: int = 1,
     ) -> None:
+        if virtual_stages > 1 and parallel_config.pp == 1:
+            raise ValueError("virtual pipeline stages need parallel.pp > 1")
         if parallel_config.cp > 1 and parallel_config.tp > 1:
             raise NotImplementedError(
                 "context parallelism (LASP) together with tensor parallelism is not implemented: "
@@ -135,7 +142,9 @@ class MegatronTrainModule:
         # the single-process optimizer layout, recorded before the pipeline split drops parts
         full_groups = _optimizer_groups(model)
         if topo.pp > 1:
-            model = apply_pipeline_parallel(model, topo, sequence_parallel=sequence_parallel)
+            model = apply_pipeline_parallel(
+                model, topo, sequence_parallel=sequence_parallel, virtual_stages=virtual_stages
+            )
         self.model = model
         self.config = train_config
         self.topo = topo
@@ -244,7 +253,7 @@ class MegatronTrainModule:
             self.model,
             self.topo,
             forward_step,
-            iter(micro_batches),
+            lambda: iter(micro_batches),
             num_microbatches=len(micro_batches),
             seq_length=tokens.shape[1],
             micro_batch_size=tokens.shape[0],

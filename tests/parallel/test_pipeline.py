@@ -20,13 +20,15 @@ from tests.parallel.test_megatron_engine import (
 TOL = 1e-5
 
 
-def _engine(model_cfg, train_cfg, topo, *, steps=STEPS, state=None, start=0):
+def _engine(model_cfg, train_cfg, topo, *, steps=STEPS, state=None, start=0, virtual_stages=1):
     from parallel.config import ParallelConfig
     from parallel.engines.megatron import MegatronTrainModule
 
     torch.manual_seed(0)
     pcfg = ParallelConfig(tp=topo.tp, pp=topo.pp, cp=topo.cp, engine="megatron")
-    module = MegatronTrainModule(model_cfg.build(), train_cfg, pcfg, topo, torch.device("cpu"))
+    module = MegatronTrainModule(
+        model_cfg.build(), train_cfg, pcfg, topo, torch.device("cpu"), virtual_stages=virtual_stages
+    )
     if state is not None:
         module.load_state_dict(state)
     curve = []
@@ -53,6 +55,12 @@ def _pp2(rank: int, world_size: int) -> dict[str, float]:
 
         assert schedules.torch.zeros([], device="cuda").device.type == "cpu"
         assert p2p_communication.torch.cuda.current_device() == torch.device("cpu")
+
+    # interleaved 1F1B: 4 layers as 2 virtual stages of 1 layer on each of the 2 ranks
+    deep = model_cfg.model_copy(update={"n_layers": 4})
+    _, deep_ref = _reference(deep, train_cfg, steps=4)
+    _, deep_curve = _engine(deep, train_cfg, topo, steps=4, virtual_stages=2)
+    errors["pp2_vp2"] = _max_rel(deep_curve, deep_ref)
 
     # eval through the forward-only schedule: the single-process mean, on every stage
     batches = _step_batches(99, model_cfg.vocab_size)
@@ -94,18 +102,20 @@ def _pp2(rank: int, world_size: int) -> dict[str, float]:
     return errors
 
 
-def test_pp2_1f1b_loss_curve_eval_and_resharding() -> None:
+def test_pp2_1f1b_and_interleaved_loss_curves_eval_and_resharding() -> None:
     results = run_distributed(_pp2, 2)
     for errors in results:
         bad = {k: v for k, v in errors.items() if v > TOL}
         assert not bad, errors
-    assert {"pp2", "eval", "model_state", "adam_state", "pp2_to_1", "1_to_pp2"} <= set(results[0])
+    assert {"pp2", "pp2_vp2", "eval", "model_state", "adam_state", "pp2_to_1", "1_to_pp2"} <= set(results[0])
 
 
 def test_stage_layers_split_evenly() -> None:
     from parallel.pipeline import stage_layers
 
     assert [list(stage_layers(4, 2, r)) for r in range(2)] == [[0, 1], [2, 3]]
+    # interleaved: rank r holds chunks r and r + pp
+    assert [list(stage_layers(8, 2, 1, vp=2, vp_stage=v)) for v in range(2)] == [[2, 3], [6, 7]]
     assert list(stage_layers(6, 3, 2)) == [4, 5]
     with pytest.raises(ValueError, match=r"not divisible by parallel\.pp=3"):
         stage_layers(4, 3, 0)
