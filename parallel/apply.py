@@ -56,6 +56,11 @@ def check_layout(parallel: ParallelConfig, world_size: int) -> None:
             f"parallel.pp > 1: pipeline parallelism runs in the megatron engine only (engine={parallel.engine}); "
             "set parallel.engine=megatron or parallel.pp=1"
         )
+    if parallel.microbatches > 1:
+        raise ConfigError(
+            f"parallel.microbatches={parallel.microbatches}: the pipeline's micro-batches are the step's "
+            "gradient-accumulation micro-batches; set train.grad_accum instead and leave parallel.microbatches=1"
+        )
     if parallel.cp > 1:
         if parallel.engine != "megatron":
             raise ConfigError(

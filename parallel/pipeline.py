@@ -146,13 +146,13 @@ def apply_pipeline_parallel(
     Raises:
         ValueError: if the layers do not split evenly or the embeddings are tied.
     """
-    apply_cpu_shims()
     cfg = model.config
     if cfg.tie_word_embeddings:
         raise ValueError(
             "pipeline parallelism with model.tie_word_embeddings=true is not supported (the shared "
             "matrix would live on the first and the last stage): set tie_word_embeddings=false or parallel.pp=1"
         )
+    apply_cpu_shims()
     dtype = model.lm_head.weight.dtype
     config = ScheduleConfig(
         hidden_size=cfg.d_model,

@@ -133,6 +133,10 @@ def test_megatron_tp2_pp2_matches_single_process_and_resumes_in_one(
         ),
         ({"parallel.cp": 2}, "LASP context parallelism runs in the megatron engine only"),
         ({"parallel.engine": "megatron", "parallel.tp": 2, "parallel.cp": 2}, "LASP is not implemented"),
+        (
+            {"parallel.engine": "megatron", "parallel.pp": 2, "parallel.microbatches": 4},
+            "set train.grad_accum",
+        ),
     ],
 )
 def test_pipeline_and_context_layouts_refused_outside_megatron(sets: dict, message: str) -> None:

@@ -119,3 +119,12 @@ def test_stage_layers_split_evenly() -> None:
     assert list(stage_layers(6, 3, 2)) == [4, 5]
     with pytest.raises(ValueError, match=r"not divisible by parallel\.pp=3"):
         stage_layers(4, 3, 0)
+
+
+def test_tied_embeddings_are_refused_with_pp() -> None:
+    from parallel.pipeline import apply_pipeline_parallel
+
+    model_cfg, _ = _configs()
+    tied = model_cfg.model_copy(update={"tie_word_embeddings": True}).build()
+    with pytest.raises(ValueError, match=r"tie_word_embeddings=false or parallel\.pp=1"):
+        apply_pipeline_parallel(tied, None)  # type: ignore[arg-type]
