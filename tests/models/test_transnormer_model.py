@@ -167,3 +167,25 @@ def test_tiny_model_overfits_one_batch() -> None:
         losses.append(loss.item())
     assert losses[0] > 3.5
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_meta_init_keeps_embeddings_tied() -> None:
+    cfg = _tiny(tie_word_embeddings=True)
+    with torch.device("meta"):
+        model = TransNormerLLM(cfg)
+    model.to_empty(device="cpu")
+    model.init_weights(torch.Generator().manual_seed(0))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.num_params() == cfg.num_params()
+
+
+def test_from_hf_to_hf_methods_round_trip(tmp_path) -> None:
+    model = _tiny(lrpe_layers=[0]).build()
+    model.to_hf(tmp_path / "hf")
+    again = TransNormerLLM.from_hf(tmp_path / "hf")
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    # Weights are bit-equal; the block size of the attention is not part of the HF config, so
+    # the two models may block the sequence differently: fp32 rounding only.
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(again.state_dict()[name], tensor), name
+    torch.testing.assert_close(again(ids), model.eval()(ids), rtol=1e-5, atol=1e-6)

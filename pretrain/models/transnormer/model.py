@@ -14,6 +14,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -217,8 +219,6 @@ class TransNormerLLM(nn.Module):
         self.config = config
         self.model = TransNormerModel(config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
         self.init_weights()
 
     @torch.no_grad()
@@ -228,6 +228,7 @@ class TransNormerLLM(nn.Module):
         Args:
             generator: Optional random generator (on the parameters' device) for reproducible init.
         """
+        self.tie_weights()
         std = self.config.init_std
         done: set[int] = set()
         for module in self.modules():
@@ -236,6 +237,25 @@ class TransNormerLLM(nn.Module):
                 module.weight.normal_(0.0, std, generator=generator)
             elif isinstance(module, LRPE):
                 module.reset_parameters()
+
+    def tie_weights(self) -> None:
+        """Share the embedding matrix with ``lm_head`` when the config ties them. Called again by
+        :meth:`init_weights` because ``to_empty`` (meta-device init) allocates each separately."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @classmethod
+    def from_hf(cls, path: str | Path, **kwargs: Any) -> TransNormerLLM:
+        """Load a checkpoint in the released Hugging Face layout; see :func:`.hf.load_hf`."""
+        from pretrain.models.transnormer.hf import load_hf
+
+        return load_hf(path, **kwargs)
+
+    def to_hf(self, path: str | Path, **kwargs: Any) -> Path:
+        """Write this model in the released Hugging Face layout; see :func:`.hf.save_hf`."""
+        from pretrain.models.transnormer.hf import save_hf
+
+        return save_hf(self, path, **kwargs)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Parameter count (a tied matrix counted once); see :meth:`TransNormerConfig.num_params`."""
