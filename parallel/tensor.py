@@ -170,6 +170,7 @@ class TensorParallelGLA(nn.Module):
         self.n_heads = plain.n_heads // size
         self.head_dim = plain.head_dim
         self.block_size = plain.block_size
+        self.backend = getattr(plain, "backend", "torch")
         self.sequence_parallel = cfg.sequence_parallel
         self.qkvu_proj = _column(plain.qkvu_proj, cfg, group, rank, size, stride=4)
         self.out_proj = _row(plain.out_proj, cfg, group, rank, size)
@@ -206,7 +207,7 @@ class TensorParallelGLA(nn.Module):
         if self.lrpe is not None:
             q, k = self.lrpe(q, 0), self.lrpe(k, 0)
         # the kernel entry the plain model uses, looked up at call time so both stay on one kernel
-        o = tnl_model.linear_attention(q, k, v, self.slope, block_size=self.block_size)
+        o = tnl_model.linear_attention(q, k, v, self.slope, backend=self.backend, block_size=self.block_size)
         o = o.transpose(1, 2).reshape(b, n, -1)
         y = self.norm(o) * u
         if self.sequence_parallel:
