@@ -1,0 +1,1 @@
+"""Lego-MT training (localized, two stages), flow detaching, translation and evaluation."""
