@@ -12,7 +12,9 @@ from checkpoints.registry import check_model_name, manifest_sha256, parse_ref
 
 
 def _ckpt(root: Path, step: int, value: float) -> Path:
-    return Checkpointer(root).save(step, {"model": {"w": torch.full((4,), value)}}, metadata={"config_hash": "x"})
+    return Checkpointer(root).save(
+        step, {"model": {"w": torch.full((4,), value)}}, metadata={"config_hash": "x"}
+    )
 
 
 def test_register_list_show_pull(registry, tmp_path: Path) -> None:
