@@ -1,5 +1,6 @@
 """Cleaning pipeline on datatrove: robust reading with quarantine, rule-based cleaning, quality
-and language filters, exact and MinHash near-duplicate removal, run by :class:`LocalPipelineExecutor`.
+and language filters, exact and MinHash near-duplicate removal, run by datatrove's local executor
+or as SLURM job arrays (see :mod:`data_pipeline.executors`).
 
 Stages (each a datatrove pipeline over ``tasks`` tasks; finished tasks are skipped on re-run):
 
@@ -36,12 +37,12 @@ from pathlib import Path
 from typing import Any
 
 from datatrove.data import DocumentsPipeline
-from datatrove.executor import LocalPipelineExecutor
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.filters import C4QualityFilter, FineWebQualityFilter
 from loguru import logger
 from pydantic import Field, model_validator
 
+from data_pipeline.executors import ExecutorFactory
 from data_pipeline.jsonl import check_readable
 from data_pipeline.steps import cleaning, filters, quality
 from data_pipeline.steps.dedup import ExactDedupFilter
@@ -527,7 +528,13 @@ def _tasks_for(stage_name: str, cfg: CleanConfig) -> int:
     return cfg.tasks
 
 
-def run_clean(inputs: list[Path], output_dir: Path, config: CleanConfig | None = None) -> dict:
+def run_clean(
+    inputs: list[Path],
+    output_dir: Path,
+    config: CleanConfig | None = None,
+    *,
+    executor_factory: ExecutorFactory | None = None,
+) -> dict:
     """Clean documents with datatrove; resumable (finished tasks are skipped on re-run).
 
     Args:
@@ -535,6 +542,9 @@ def run_clean(inputs: list[Path], output_dir: Path, config: CleanConfig | None =
             them (see :func:`expand_clean_inputs`).
         output_dir: where output, quarantine, dropped documents, logs and ``stats.json`` go.
         config: settings (default :class:`CleanConfig()`).
+        executor_factory: builds and runs the datatrove executor of each stage (default: local,
+            ``config.workers`` processes); a :class:`~data_pipeline.executors.SlurmExecutorFactory`
+            submits the stages as SLURM job arrays chained with ``afterok`` and waits for them.
 
     Returns:
         The statistics also written to ``output_dir/stats.json``: ``{"stages": {step: {"in",
@@ -557,20 +567,28 @@ def run_clean(inputs: list[Path], output_dir: Path, config: CleanConfig | None =
     else:
         order = [stages[0], *helpers, *stages[1:]]
 
-    with _quiet_datatrove(cfg.quiet):
-        for stage_name, steps in order:
-            pipeline = [step for _, step in steps]
-            if cfg.quiet and cfg.workers > 1 and stage_name not in ("minhash_buckets", "minhash_cluster"):
-                pipeline.insert(0, _QuietLogs())  # (those two refuse any step before them)
-            executor = LocalPipelineExecutor(
+    factory = executor_factory or ExecutorFactory()
+    executors: list[Any] = []
+    for stage_name, steps in order:
+        pipeline = [step for _, step in steps]
+        light = stage_name in ("minhash_buckets", "minhash_cluster")
+        if factory.local and cfg.quiet and cfg.workers > 1 and not light:
+            pipeline.insert(0, _QuietLogs())  # (the light two refuse any step before them)
+        tasks = _tasks_for(stage_name, cfg)
+        executors.append(
+            factory.build(
                 pipeline,
-                tasks=_tasks_for(stage_name, cfg),
-                # bucket matching and clustering are light: in-process, no pool start-up
-                workers=1 if stage_name in ("minhash_buckets", "minhash_cluster") else cfg.workers,
-                logging_dir=str(output_dir / "logs" / stage_name),
-                skip_completed=True,
+                name=stage_name,
+                tasks=tasks,
+                # bucket matching and clustering are light: in-process (one job), no pool start-up
+                workers=1 if light else cfg.workers,
+                tasks_per_job=tasks if light else 1,
+                logging_dir=output_dir / "logs" / stage_name,
+                depends=executors[-1] if executors else None,
             )
-            executor.run()
+        )
+    with _quiet_datatrove(cfg.quiet):
+        factory.run_chain(executors)
     for tmp in ("_stage1", "_stage2", "_prededup"):
         if (output_dir / tmp).exists() and len(stages) > 1:
             shutil.rmtree(output_dir / tmp)

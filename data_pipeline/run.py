@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +32,7 @@ from pydantic import Field, field_validator, model_validator
 
 from data_pipeline.blend import BlendConfig, BlendEntry, resolve_blend
 from data_pipeline.clean import CleanConfig
+from data_pipeline.executors import ExecutorFactory, SlurmExecutorFactory, wait_for_slurm
 from data_pipeline.selfclean.config import SelfCleanConfig
 from data_pipeline.tokenize import PipelineRunner, TokenizeConfig
 from data_pipeline.tokenizer import TokenizerConfig
@@ -40,6 +40,8 @@ from pretrain.config import Config
 from pretrain.tracking import TrackingConfig
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["DataRunConfig", "ExecutorConfig", "InputsConfig", "run_data_pipeline", "wait_for_slurm"]
 
 
 class InputsConfig(Config):
@@ -58,8 +60,10 @@ class ExecutorConfig(Config):
 
     With ``slurm`` each datatrove stage is submitted as a job array (plus datatrove's stats job)
     by ``SlurmPipelineExecutor`` and this process waits for its tasks' completion markers before
-    the next stage; the driver itself (and the short training of the evaluation model) runs where
-    it was started. The ``clean`` stage runs locally in either case (``run_clean`` owns its executor).
+    the next stage; the ``clean`` stage's datatrove stages (clean, dedup, MinHash) are submitted
+    together, each job array ``afterok`` on the one before. The driver itself (tokenizer
+    training, and the short training of the evaluation model) runs where it was started. Logs
+    (datatrove's and SLURM's) go under each stage's logging directory in the output directory.
     """
 
     kind: Literal["local", "slurm"] = "local"
@@ -78,7 +82,8 @@ class ExecutorConfig(Config):
     mem_per_cpu_gb: int = Field(2, ge=1)
     """SLURM memory per CPU in GB (datatrove passes ``--mem-per-cpu``)."""
     venv_path: str | None = None
-    """``.../bin/activate`` of the environment the SLURM tasks source."""
+    """``.../bin/activate`` of the environment the SLURM tasks source; unset: the virtual
+    environment running the driver (when it runs in one)."""
     qos: str | None = None
     """SLURM quality of service (none when unset)."""
     job_name: str = "data"
@@ -87,6 +92,9 @@ class ExecutorConfig(Config):
     """Extra ``#SBATCH`` options, e.g. ``{account: proj, signal: USR1@60}``."""
     poll_seconds: float = Field(30.0, gt=0)
     """How often the driver checks a submitted stage for completion."""
+    wait_timeout_s: float | None = Field(None, gt=0)
+    """``slurm``: stop waiting for a stage (cancel its queued jobs and fail) after this many
+    seconds; ``None`` waits as long as the jobs stay queued."""
 
     @model_validator(mode="after")
     def _slurm_needs_partition(self) -> ExecutorConfig:
@@ -94,74 +102,48 @@ class ExecutorConfig(Config):
             raise ValueError("executor.partition is required when executor.kind is slurm")
         return self
 
-    def build(self, pipeline: list[Any], *, logging_dir: Path, tasks: int, name: str) -> Any:
-        """The datatrove executor of one stage (``SlurmPipelineExecutor`` only for ``slurm``)."""
+    def factory(self) -> ExecutorFactory:
+        """Builds and runs the datatrove executors of the stages (see :mod:`data_pipeline.executors`)."""
         if self.kind == "local":
-            from datatrove.executor import LocalPipelineExecutor
-
-            return LocalPipelineExecutor(
-                pipeline, tasks=tasks, workers=min(self.workers, tasks), logging_dir=str(logging_dir)
-            )
-        from datatrove.executor import SlurmPipelineExecutor
-
-        return SlurmPipelineExecutor(
-            pipeline,
-            tasks=tasks,
-            workers=self.workers,
-            time=self.time,
+            return ExecutorFactory()
+        assert self.partition is not None  # checked by the validator
+        return SlurmExecutorFactory(
             partition=self.partition,
+            time=self.time,
             cpus_per_task=self.cpus_per_task,
             mem_per_cpu_gb=self.mem_per_cpu_gb,
             venv_path=self.venv_path,
-            qos=self.qos or "",
-            job_name=f"{self.job_name}-{name}",
+            qos=self.qos,
+            job_name=self.job_name,
             sbatch_args=dict(self.sbatch_args),
-            logging_dir=str(logging_dir),
-            skip_completed=True,
+            poll_seconds=self.poll_seconds,
+            wait_timeout_s=self.wait_timeout_s,
+        )
+
+    def build(self, pipeline: list[Any], *, logging_dir: Path, tasks: int, name: str) -> Any:
+        """The datatrove executor of one stage (``SlurmPipelineExecutor`` only for ``slurm``)."""
+        return self.factory().build(
+            pipeline, name=name, tasks=tasks, workers=self.workers, logging_dir=Path(logging_dir)
         )
 
     def runner(self) -> PipelineRunner:
         """Runs one stage to completion (submits and waits on SLURM)."""
+        factory = self.factory()
 
         def run(pipeline: list[Any], logging_dir: Path, tasks: int) -> None:
+            name = Path(logging_dir).name
+            executor = factory.build(
+                pipeline, name=name, tasks=tasks, workers=self.workers, logging_dir=Path(logging_dir)
+            )
             from loguru import logger as datatrove_logger
 
-            executor = self.build(pipeline, logging_dir=logging_dir, tasks=tasks, name=Path(logging_dir).name)
             datatrove_logger.disable("datatrove")  # its per-task logs are still written to logging_dir
             try:
-                executor.run()
+                factory.run_chain([executor])
             finally:
                 datatrove_logger.enable("datatrove")
-            if self.kind == "slurm":
-                wait_for_slurm(executor, self.poll_seconds)
 
         return run
-
-
-def _in_queue(job_id: str) -> bool:
-    out = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%i"], capture_output=True, text=True)
-    return bool(out.stdout.strip())
-
-
-def wait_for_slurm(
-    executor: Any, poll_seconds: float, *, in_queue: Callable[[str], bool] = _in_queue, sleep=time.sleep
-) -> None:
-    """Wait until every task of a submitted stage has its completion marker.
-
-    Raises:
-        RuntimeError: the job left the queue with tasks unfinished (names them and the logs).
-    """
-    while incomplete := executor.get_incomplete_ranks():
-        job_id = executor.job_id
-        if job_id in (None, -1) or not in_queue(job_id):
-            sleep(min(poll_seconds, 5.0))  # completion markers may lag behind the queue
-            if incomplete := executor.get_incomplete_ranks():
-                raise RuntimeError(
-                    f"SLURM job {job_id} ended with {len(incomplete)} unfinished task(s) "
-                    f"{incomplete[:10]}; see {executor.logging_dir.resolve_paths('')} (logs/, slurm_logs/)"
-                )
-            return
-        sleep(poll_seconds)
 
 
 class DataRunConfig(Config):
@@ -287,7 +269,13 @@ def run_data_pipeline(config: DataRunConfig, *, progress: bool = True) -> dict[s
     clean_cfg = config.clean.model_copy(update={"tasks": tasks, "workers": config.executor.workers})
     params = {"upstream": params, "clean": clean_cfg.to_dict()}
     params["clean"].pop("workers")
-    clean = stage("clean", params, lambda: run_clean(raw, out / "clean", clean_cfg), [out / "clean"])
+    factory = config.executor.factory()
+    clean = stage(
+        "clean",
+        params,
+        lambda: run_clean(raw, out / "clean", clean_cfg, executor_factory=factory),
+        [out / "clean"],
+    )
     tracker.log_metrics({f"clean/{k}": v for k, v in clean.get("totals", {}).items()}, step=0)
     docs = [out / "clean" / "output"]
 
