@@ -140,7 +140,13 @@ def build_train_module(
         model = apply_activation_checkpointing(model, parallel.activation_checkpointing)
         # context parallelism and the pipeline split are applied inside (after tensor parallelism)
         module = MegatronTrainModule(
-            model, train, parallel, topo, device, sequence_parallel=parallel.sequence_parallel
+            model,
+            train,
+            parallel,
+            topo,
+            device,
+            sequence_parallel=parallel.sequence_parallel,
+            virtual_stages=parallel.virtual_stages,
         )
         logger.info("megatron engine: %s", topo)
         return EngineSetup(module, topo.dp_rank, parallel.dp_for(env.world_size), topo)

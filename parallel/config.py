@@ -31,19 +31,24 @@ class ParallelConfig(Config):
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
     """Recompute activations in the backward pass: none, every layer, or named module types."""
     microbatches: int = 1
-    """Micro-batches in flight per pipeline step (pp > 1)."""
+    """Reserved: the pipeline runs ``train.grad_accum`` micro-batches per step; values > 1 are refused."""
+    virtual_stages: int = 1
+    """Model chunks per pipeline rank (> 1: megatron's interleaved 1F1B schedule; needs n_layers
+    divisible by pp * virtual_stages and train.grad_accum >= pp)."""
     engine: Literal["native", "megatron", "deepspeed"] = "native"
     """Which runtime applies the layout: plain PyTorch (one process), megatron-core, or DeepSpeed."""
 
     @model_validator(mode="after")
     def _check(self) -> ParallelConfig:
-        for name in ("tp", "pp", "cp", "microbatches"):
+        for name in ("tp", "pp", "cp", "microbatches", "virtual_stages"):
             if getattr(self, name) < 1:
                 raise ValueError(f"parallel.{name} must be >= 1")
         if self.zero_stage >= 2 and self.pp > 1 and self.engine == "deepspeed":
             raise ValueError(
                 "DeepSpeed refuses ZeRO-2/3 with pipeline parallelism: set parallel.zero_stage<=1 or parallel.pp=1"
             )
+        if self.virtual_stages > 1 and self.pp == 1:
+            raise ValueError("parallel.virtual_stages > 1 needs parallel.pp > 1")
         return self
 
     @property
