@@ -1,0 +1,303 @@
+"""Localized Lego-MT training: language-centric groups trained one after another.
+
+The schedule is a list of *phases* ``(stage, group)``: for each stage in ``train.stages``, for each
+round, for each group. During a phase only that group's two branches plus the shared embedding,
+main encoder and m2m decoder are in memory; every other branch is a partition on disk
+(:mod:`pretrain.lego.store`). Stage 1 runs Enc-Flow + Mix-Flow, stage 2 freezes the main encoder
+and the embedding and runs Dec-Flow (:mod:`pretrain.lego.stages`). Every encoder branch starts
+as a copy of the initial main encoder; a decoder branch starts as a copy of the m2m decoder the
+first time it becomes resident.
+
+Resuming is exact: batches and dropout/layerdrop randomness are pure functions of the seed and
+the global step, and the checkpoint holds the optimizer of the current phase. Each phase starts
+a fresh AdamW and warmup/cosine schedule.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import Field, model_validator
+
+from checkpoints import Checkpointer, load_checkpoint
+from pretrain.config import Config
+from pretrain.lego.data import batch_indices, collate, load_pairs, read_meta
+from pretrain.lego.stages import STAGE_FLOWS, set_trainable
+from pretrain.lego.store import SHARED_PARTS, PartitionStore, partition_name, state_of
+from pretrain.models.lego_mt import LegoMT, LegoMTConfig, flow_names
+from pretrain.tracking import TrackingConfig, default_artifact_location, flatten_params, resolve_tracking_uri
+from pretrain.trainer.train_module import cosine_with_warmup
+
+logger = logging.getLogger(__name__)
+
+
+class LegoTrainConfig(Config):
+    """The localized training schedule and optimizer."""
+
+    data_dir: str = "data/lego"
+    """Directory of ``<group>.jsonl`` tokenized pairs and ``meta.json`` (``pretrain lego-data``)."""
+    stages: list[int] = Field(default_factory=lambda: [1, 2])
+    """Stages to run, in order (1: Enc+Mix flows, 2: frozen main encoder, Dec flow)."""
+    rounds: int = Field(default=1, gt=0)
+    """Passes over the groups within each stage."""
+    stage1_steps: int = Field(default=100, gt=0)
+    """Optimizer steps per group per round in stage 1."""
+    stage2_steps: int = Field(default=100, gt=0)
+    """Optimizer steps per group per round in stage 2."""
+    batch_size: int = Field(default=16, gt=0)
+    """Pairs per step."""
+    max_len: int = Field(default=64, gt=1)
+    """Tokens per side (specials included); longer sides are cut."""
+    lr: float = Field(default=5e-4, gt=0)
+    """Peak learning rate of each phase."""
+    warmup: int = Field(default=10, ge=0)
+    """Warmup steps of each phase."""
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+    """Final LR of each phase's cosine, as a fraction of ``lr``."""
+    weight_decay: float = Field(default=0.0, ge=0)
+    """AdamW weight decay."""
+    grad_clip: float = Field(default=1.0, ge=0)
+    """Clip the global grad norm of the trainable parameters to this (0 = off)."""
+    seed: int = 0
+    """Seed of the initialisation, the batch order and dropout/layerdrop."""
+    checkpoint_interval: int = Field(default=50, gt=0)
+    """Save a resumable checkpoint every this many global steps (and at every phase end)."""
+    device: str = "cpu"
+    """Torch device."""
+
+    @model_validator(mode="after")
+    def _check(self) -> LegoTrainConfig:
+        if not self.stages or any(s not in STAGE_FLOWS for s in self.stages):
+            raise ValueError(f"train.stages must be a list of 1/2, got {self.stages}")
+        return self
+
+
+class LegoRunConfig(Config):
+    """A Lego-MT training run."""
+
+    name: str = "lego-mt"
+    """Run name (MLflow run name)."""
+    model: LegoMTConfig = Field(default_factory=LegoMTConfig)
+    """Model shape and language groups."""
+    train: LegoTrainConfig = Field(default_factory=LegoTrainConfig)
+    """Schedule and optimizer."""
+    tracking: TrackingConfig = Field(default_factory=lambda: TrackingConfig(experiment="lego-mt"))
+    """MLflow tracking (sqlite in the run directory by default)."""
+
+
+def phases(cfg: LegoRunConfig) -> list[tuple[int, str]]:
+    return [
+        (stage, group)
+        for stage in cfg.train.stages
+        for _ in range(cfg.train.rounds)
+        for group in cfg.model.groups
+    ]
+
+
+def _phase_steps(cfg: LegoRunConfig, stage: int) -> int:
+    return cfg.train.stage1_steps if stage == 1 else cfg.train.stage2_steps
+
+
+class _Tracker:
+    """Minimal MLflow sink: one run per run directory, metrics sent in batches."""
+
+    def __init__(self, cfg: LegoRunConfig, run_dir: Path) -> None:
+        self.client = None
+        self.buffer: list[Any] = []
+        if not cfg.tracking.enabled:
+            return
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        uri = resolve_tracking_uri(cfg.tracking, run_dir)
+        self.client = MlflowClient(uri)
+        id_file = run_dir / "mlflow_run_id"
+        self.run_id = id_file.read_text().strip() if id_file.is_file() else None
+        if self.run_id is None:
+            exp = self.client.get_experiment_by_name(cfg.tracking.experiment)
+            exp_id = (
+                exp.experiment_id
+                if exp
+                else self.client.create_experiment(
+                    cfg.tracking.experiment, artifact_location=default_artifact_location(uri)
+                )
+            )
+            run = self.client.create_run(exp_id, run_name=cfg.tracking.run_name or cfg.name)
+            self.run_id = run.info.run_id
+            id_file.write_text(self.run_id)
+            params = flatten_params(cfg.to_dict())
+            items = [mlflow.entities.Param(k, v) for k, v in params.items()]
+            for i in range(0, len(items), 100):
+                self.client.log_batch(self.run_id, params=items[i : i + 100])
+        self.uri = uri
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if self.client is None:
+            return
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        self.buffer.extend(Metric(k, float(v), ts, step) for k, v in metrics.items())
+
+    def flush(self) -> None:
+        if self.client is not None and self.buffer:
+            for i in range(0, len(self.buffer), 1000):
+                self.client.log_batch(self.run_id, metrics=self.buffer[i : i + 1000])
+            self.buffer = []
+
+    def finish(self) -> None:
+        self.flush()
+        if self.client is not None:
+            self.client.set_terminated(self.run_id)
+
+
+class LocalizedTrainer:
+    """Runs (or resumes) the phase schedule of ``cfg`` in ``run_dir``."""
+
+    def __init__(self, cfg: LegoRunConfig, run_dir: Path) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.device = torch.device(cfg.train.device)
+        self.store = PartitionStore(self.run_dir / "parts")
+        self.state_ckpt = Checkpointer(self.run_dir / "state", keep_last=2)
+        self.meta = read_meta(Path(cfg.train.data_dir))
+        self.phases = phases(cfg)
+        self.results: dict[str, Any] = {"losses": {}, "resident": [], "peak_params": 0}
+
+    # ---- persistence ---------------------------------------------------------------
+    def _init_run(self) -> dict[str, Any]:
+        torch.manual_seed(self.cfg.train.seed)
+        model = self.cfg.model.build(resident=[])
+        parts = {"shared": 0}
+        self.store.save("shared", 0, {p: state_of(getattr(model, p)) for p in SHARED_PARTS})
+        main = state_of(model.main)
+        for g in self.cfg.model.groups:  # every encoder branch = the initial main encoder
+            self.store.save(partition_name("enc", g), 0, {"encoder": main})
+            parts[partition_name("enc", g)] = 0
+        state = {"phase": 0, "step_in_phase": 0, "global_step": 0, "partitions": parts}
+        self.state_ckpt.save(0, {}, metadata=state)
+        return state
+
+    def _load_state(self) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        latest = self.state_ckpt.latest()
+        if latest is None:
+            return self._init_run(), None
+        ckpt = load_checkpoint(latest)
+        return ckpt.metadata, ckpt.state.get("optimizer")
+
+    def _build_resident(self, state: dict[str, Any], group: str) -> LegoMT:
+        model = self.cfg.model.build(resident=[])
+        parts = state["partitions"]
+        shared = self.store.load("shared", parts["shared"])
+        for p in SHARED_PARTS:
+            getattr(model, p).load_state_dict(shared[p])
+        model.add_group(group)  # dec branch = m2m copy unless a saved one exists
+        enc, dec = partition_name("enc", group), partition_name("dec", group)
+        model.enc_branches[group].load_state_dict(self.store.load(enc, parts[enc])["encoder"])
+        if dec in parts:
+            model.dec_branches[group].load_state_dict(self.store.load(dec, parts[dec])["decoder"])
+        return model.to(self.device)
+
+    def _save(
+        self, model: LegoMT, stage: int, group: str, state: dict[str, Any], optimizer: Any
+    ) -> dict[str, Any]:
+        """Write the partitions this stage changes, then the state (the commit point)."""
+        step = state["global_step"]
+        parts = dict(state["partitions"])
+        if stage == 1:
+            self.store.save("shared", step, {p: state_of(getattr(model, p)) for p in SHARED_PARTS})
+            parts["shared"] = step
+            changed = [("enc", "encoder", model.enc_branches[group])]
+        else:
+            changed = [("dec", "decoder", model.dec_branches[group])]
+        for kind, key, module in changed:
+            name = partition_name(kind, group)
+            self.store.save(name, step, {key: state_of(module)})
+            parts[name] = step
+        state = {**state, "partitions": parts}
+        if state["step_in_phase"] >= _phase_steps(self.cfg, stage):  # phase done: next phase
+            state = {**state, "phase": state["phase"] + 1, "step_in_phase": 0}
+        payload = {"optimizer": optimizer.state_dict()} if optimizer is not None else {}
+        self.state_ckpt.save(step, payload, metadata=state)
+        return state
+
+    # ---- loop ----------------------------------------------------------------------
+    def run(self, *, stop_after: int | None = None) -> dict[str, Any]:
+        """Train to the end of the schedule (or until ``stop_after`` global steps, without
+        saving, as if killed). Returns ``{"losses": {step: loss}, "resident": [...], ...}``."""
+        tcfg = self.cfg.train
+        state, opt_state = self._load_state()
+        tracker = _Tracker(self.cfg, self.run_dir)
+        try:
+            while state["phase"] < len(self.phases):
+                stage, group = self.phases[state["phase"]]
+                model = self._build_resident(state, group)
+                model.train()
+                self.results["resident"].append((state["phase"], model.resident))
+                self.results["peak_params"] = max(
+                    self.results["peak_params"], sum(p.numel() for p in model.parameters())
+                )
+                params = set_trainable(model, stage, group)
+                opt = torch.optim.AdamW(params, lr=tcfg.lr, betas=(0.9, 0.98), weight_decay=tcfg.weight_decay)
+                if opt_state is not None and state["step_in_phase"] > 0:
+                    opt.load_state_dict(opt_state)
+                opt_state = None
+                pairs = load_pairs(Path(tcfg.data_dir), group, reverse=stage == 2)
+                total = _phase_steps(self.cfg, stage)
+                flows = STAGE_FLOWS[stage]
+                while state["step_in_phase"] < total:
+                    if stop_after is not None and state["global_step"] >= stop_after:
+                        return self.results
+                    k = state["step_in_phase"]
+                    idx = batch_indices(len(pairs), tcfg.batch_size, k, tcfg.seed * 1000 + state["phase"])
+                    src, tgt_in, labels = (
+                        t.to(self.device) for t in collate([pairs[i] for i in idx], self.meta, tcfg.max_len)
+                    )
+                    lr = tcfg.lr * cosine_with_warmup(
+                        k, warmup=tcfg.warmup, total=total, min_ratio=tcfg.min_lr_ratio
+                    )
+                    for pg in opt.param_groups:
+                        pg["lr"] = lr
+                    torch.manual_seed(tcfg.seed * 1_000_003 + state["global_step"])
+                    opt.zero_grad(set_to_none=True)
+                    out = model(src, tgt_in, flows, group, labels=labels)
+                    out["loss"].backward()
+                    if tcfg.grad_clip > 0:
+                        torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
+                    opt.step()
+                    state = {**state, "step_in_phase": k + 1, "global_step": state["global_step"] + 1}
+                    loss = float(out["loss"].detach())
+                    self.results["losses"][state["global_step"]] = loss
+                    metrics = {"loss": loss, "lr": lr, "stage": stage, "phase": state["phase"]}
+                    metrics.update({f"loss_{n}": float(out[n]["loss"].detach()) for n in flow_names(flows)})
+                    metrics[f"loss_{group}"] = loss
+                    tracker.log(state["global_step"], metrics)
+                    if (
+                        state["step_in_phase"] < total
+                        and state["global_step"] % tcfg.checkpoint_interval == 0
+                    ):
+                        state = self._save(model, stage, group, state, opt)
+                        tracker.flush()
+                state = self._save(model, stage, group, state, None)
+                del model, opt
+                tracker.flush()
+            self.store.write_index(state["partitions"], self.cfg.model.to_dict())
+            (self.run_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
+        finally:
+            tracker.finish()
+        self.results["global_step"] = state["global_step"]
+        if tracker.client is not None:
+            self.results["mlflow_run_id"] = tracker.run_id
+            self.results["mlflow_tracking_uri"] = tracker.uri
+        return self.results
+
+
+def train(cfg: LegoRunConfig, run_dir: Path, *, stop_after: int | None = None) -> dict[str, Any]:
+    """Run or resume localized training of ``cfg`` in ``run_dir``."""
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    return LocalizedTrainer(cfg, Path(run_dir)).run(stop_after=stop_after)
