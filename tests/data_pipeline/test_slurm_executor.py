@@ -145,3 +145,65 @@ def test_data_run_on_slurm_matches_local(slurm_conf: Path, tmp_path: Path) -> No
         slurm_bytes = (slurm_out / "tokens" / f"corpus{suffix}").read_bytes()
         assert slurm_bytes == (tmp_path / "local" / "tokens" / f"corpus{suffix}").read_bytes()
     print(f"slurm data run: {seconds:.1f} s, {len(kept)} documents kept, {summary['tokens']} tokens")
+
+
+def _fail(data, rank: int = 0, world_size: int = 1):
+    raise RuntimeError(f"planted failure in task {rank}")
+
+
+def _noop(data, rank: int = 0, world_size: int = 1):
+    yield from data or []
+
+
+def test_failed_stage_cancels_the_chain(slurm_conf: Path, tmp_path: Path) -> None:
+    """A failing job array raises with its logs named, and the stage queued after it is cancelled."""
+    from data_pipeline.executors import SlurmExecutorFactory
+
+    factory = SlurmExecutorFactory(
+        partition=_partition(),
+        time="00:02:00",
+        mem_per_cpu_gb=1,
+        job_name=JOB_PREFIX,
+        poll_seconds=1,
+        wait_timeout_s=90,
+    )
+    first = factory.build([_fail], name="fails", tasks=2, workers=2, logging_dir=tmp_path / "a")
+    second = factory.build(
+        [_noop], name="after", tasks=1, workers=1, logging_dir=tmp_path / "b", depends=first
+    )
+    try:
+        with pytest.raises(RuntimeError, match=r"ended with 2 unfinished task\(s\) \[0, 1\]"):
+            factory.run_chain([first, second])
+        logs = "".join(p.read_text() for p in (tmp_path / "a" / "slurm_logs").glob("*.out"))
+        assert "planted failure in task" in logs
+        deadline = time.monotonic() + 30
+        while str(second.job_id) in [j.split("_")[0] for j in _our_jobs()]:
+            assert time.monotonic() < deadline, "the dependent stage stayed queued"
+            time.sleep(0.5)
+        assert not (tmp_path / "b" / "completions").exists()
+    finally:
+        leftover = _our_jobs()
+        if leftover:
+            subprocess.run(["scancel", *leftover], check=False)
+
+
+def test_wait_for_slurm_deadline() -> None:
+    from data_pipeline.executors import wait_for_slurm
+
+    class _Dir:
+        def resolve_paths(self, _: str) -> str:
+            return "/logs"
+
+    class _Pending:
+        job_id, logging_dir = "7", _Dir()
+
+        def get_incomplete_ranks(self) -> list[int]:
+            return [0]
+
+    now = iter(range(100))
+    with pytest.raises(
+        TimeoutError, match=r"SLURM job 7 still has 1 unfinished task\(s\) \[0\] at the deadline"
+    ):
+        wait_for_slurm(
+            _Pending(), 1, in_queue=lambda _: True, sleep=lambda _: None, deadline=3, clock=lambda: next(now)
+        )
