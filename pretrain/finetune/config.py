@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from pathlib import Path
 from typing import Literal
@@ -127,6 +129,11 @@ class StageConfig(Config):
     @property
     def resolved_run_dir(self) -> Path:
         return Path(self.run_dir) if self.run_dir else Path("runs") / self.name
+
+    def config_hash(self) -> str:
+        """A short hash of the resolved stage config."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
 
     @property
     def seq_len(self) -> int:
