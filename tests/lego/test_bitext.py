@@ -1,51 +1,7 @@
 import json
-import struct
-
-import pytest
 
 from data_pipeline.bitext import BitextConfig, CleanConfig, clean_pair, iter_catalog, normalize, prepare
 from data_pipeline.tokenizer import SentencePieceTokenizer
-
-
-def write_mo(path, messages: dict[str, str]) -> None:
-    """A minimal GNU .mo file (no hash table)."""
-    items = sorted({"": "Content-Type: text/plain; charset=UTF-8\n", **messages}.items())
-    ids = [k.encode() for k, _ in items]
-    strs = [v.encode() for _, v in items]
-    n = len(items)
-    start = 7 * 4 + 16 * n
-    offsets, blob = [], b""
-    for s in ids + strs:
-        offsets.append((len(s), start + len(blob)))
-        blob += s + b"\0"
-    header = struct.pack("<7I", 0x950412DE, 0, n, 28, 28 + 8 * n, 0, 0)
-    tables = b"".join(struct.pack("<2I", *o) for o in offsets)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(header + tables + blob)
-
-
-WORDS = {
-    "de": ["Datei", "offen", "schließen", "speichern", "Fenster", "neu", "Hilfe", "Ordner"],
-    "fr": ["fichier", "ouvert", "fermer", "enregistrer", "fenêtre", "nouveau", "aide", "dossier"],
-}
-EN = ["file", "open", "close", "save", "window", "new", "help", "folder"]
-
-
-@pytest.fixture(scope="module")
-def locale_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("locale")
-    for lang, words in WORDS.items():
-        msgs = {}
-        for i in range(8):
-            for j in range(8):
-                msgs[f"{EN[i]} the {EN[j]} now"] = f"{words[i]} {words[j]} jetzt-{lang}"
-        msgs["_Open"] = f"_{words[1]}"  # accelerator stripped
-        msgs["same"] = "same"  # identical sides: dropped
-        msgs["a very long English message that is long"] = "x y"  # ratio: dropped
-        msgs["two\nlines"] = "zwei\nZeilen"  # multiline: dropped
-        write_mo(root / lang / "LC_MESSAGES" / "app.mo", msgs)
-    write_mo(root / "de" / "LC_MESSAGES" / "other.mo", {"\x07file the open now": "\x07Datei offen jetzt-de"})
-    return root
 
 
 def test_iter_catalog_and_cleaning(locale_root):

@@ -1,4 +1,3 @@
-import pytest
 import torch
 
 from checkpoints import load_checkpoint
@@ -7,7 +6,7 @@ from pretrain.lego.train import LegoRunConfig, train
 from pretrain.models.lego_mt.config import tiny
 
 
-def _cfg(data_dir, **train_kw) -> LegoRunConfig:
+def _cfg(data_dir, **train_kw) -> LegoRunConfig:  # also used by conftest.full_run
     train = dict(
         data_dir=str(data_dir),
         stage1_steps=4,
@@ -21,15 +20,6 @@ def _cfg(data_dir, **train_kw) -> LegoRunConfig:
     train.update(train_kw)
     model = tiny(["en", "de", "fr"], vocab_size=64).model_copy(update={"dropout": 0.1, "layerdrop": 0.2})
     return LegoRunConfig(model=model, train=train, tracking={"enabled": False})
-
-
-@pytest.fixture(scope="module")
-def full_run(synthetic_pairs, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("full")
-    data = _cfg(synthetic_pairs).to_dict()
-    data["tracking"]["enabled"] = True
-    cfg = LegoRunConfig.from_dict(data)
-    return run_dir, train(cfg, run_dir)
 
 
 def _partitions(run_dir):
