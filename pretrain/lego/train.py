@@ -166,6 +166,12 @@ class LocalizedTrainer:
         self.store = PartitionStore(self.run_dir / "parts")
         self.state_ckpt = Checkpointer(self.run_dir / "state", keep_last=2)
         self.meta = read_meta(Path(cfg.train.data_dir))
+        vocab = self.meta.get("vocab_size", 0)
+        if vocab > cfg.model.vocab_size:
+            raise ValueError(
+                f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {vocab} "
+                f"({cfg.train.data_dir}/meta.json); set model.vocab_size={vocab}"
+            )
         self.phases = phases(cfg)
         self.results: dict[str, Any] = {"losses": {}, "resident": [], "peak_params": 0}
 
