@@ -148,7 +148,7 @@ class CheckpointRegistry:
             _copy_checkpoint(src, dest, manifest)
         meta = manifest.get("metadata") or {}
         lineage = meta.get("lineage") or {}
-        run_id = run_id or lineage.get("mlflow_run_id") or _run_dir_run_id(src)
+        run_id = run_id or lineage.get("mlflow_run_id") or run_dir_run_id(src)
         tags = {
             "manifest_sha256": digest,
             "step": str(manifest["step"]),
@@ -285,7 +285,7 @@ def _copy_checkpoint(src: Path, dest: Path, manifest: dict[str, Any], *, verify:
         raise
 
 
-def _run_dir_run_id(ckpt_dir: Path) -> str | None:
+def run_dir_run_id(ckpt_dir: Path) -> str | None:
     """The MLflow run id a training run wrote to ``<run_dir>/mlflow_run_id``, if present."""
     for parent in list(Path(ckpt_dir).resolve().parents)[:2]:
         file = parent / "mlflow_run_id"

@@ -27,7 +27,7 @@ from torch import Tensor
 from checkpoints.export import LINEAGE_NAME, load_checkpoint_model
 from checkpoints.load import verify_checkpoint
 from checkpoints.manifest import CheckpointError, read_manifest
-from checkpoints.registry import CheckpointRegistry, _run_dir_run_id, manifest_sha256
+from checkpoints.registry import CheckpointRegistry, manifest_sha256, run_dir_run_id
 from pretrain.models.transnormer import TransNormerConfig
 from pretrain.trainer.callbacks.base import Callback
 
@@ -68,7 +68,7 @@ def checkpoint_entry(ckpt_dir: Path, *, ref: str | None = None, run_id: str | No
         "stage": lineage.get("stage", "pretrain"),
         "config_hash": meta.get("config_hash"),
         "data": _data_summary(meta),
-        "mlflow_run_id": lineage.get("mlflow_run_id") or run_id or _run_dir_run_id(path),
+        "mlflow_run_id": lineage.get("mlflow_run_id") or run_id or run_dir_run_id(path),
     }
 
 
@@ -106,6 +106,10 @@ def _is_path_ref(ref: str) -> bool:
     return Path(ref).exists() or "/" in ref or ref.startswith(".")
 
 
+def _pulled(dest: Path, digest: str) -> bool:
+    return (dest / "manifest.json").is_file() and manifest_sha256(dest) == digest
+
+
 def resolve_checkpoint_ref(
     ref: str, registry: CheckpointRegistry | None, workdir: Path
 ) -> tuple[Path, dict[str, Any]]:
@@ -123,10 +127,13 @@ def resolve_checkpoint_ref(
         raise CheckpointError(f"{ref!r} is not a path and no registry is configured")
     info = registry.resolve(ref)
     dest = workdir / f"{info.name}-v{info.version}"
-    if dest.is_dir() and (dest / "manifest.json").is_file() and manifest_sha256(dest) == info.manifest_sha256:
-        verify_checkpoint(dest, strict=True)
-    else:
-        registry.pull(f"{info.name}:{info.version}", dest)
+    if not _pulled(dest, info.manifest_sha256):
+        try:
+            registry.pull(f"{info.name}:{info.version}", dest)
+        except (FileExistsError, OSError):
+            if not _pulled(dest, info.manifest_sha256):  # else another rank pulled it first
+                raise
+    verify_checkpoint(dest, strict=True)
     return dest, {"ref": f"{info.name}:{info.version}", "run_id": info.run_id}
 
 

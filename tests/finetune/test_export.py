@@ -49,6 +49,15 @@ def test_export_loads_in_transformers_with_equal_logits(tmp_path: Path, shape: d
     with torch.no_grad():
         ours = model(ids)
     torch.testing.assert_close(_hf_logits(out, ids), ours, rtol=1e-4, atol=1e-4)
+    # Greedy generation through transformers matches ours token for token.
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32)
+    prompt = ids[:1, :5]
+    generated = hf.generate(prompt, max_new_tokens=4, do_sample=False)
+    x = prompt
+    with torch.no_grad():
+        for _ in range(4):
+            x = torch.cat([x, model(x)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(generated, x)
 
 
 def test_lora_checkpoint_exports_merged(tmp_path: Path) -> None:
