@@ -110,8 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     from cluster.cli import add_cluster_commands
     from data_pipeline.cli import add_data_commands
+    from pretrain.finetune.cli import add_finetune_commands
 
     add_data_commands(sub)
+    add_finetune_commands(sub)
     add_cluster_commands(sub)
     return parser
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from checkpoints import Checkpointer, load_checkpoint
+from checkpoints import Checkpointer
 from data_pipeline.tokenizer import SentencePieceTokenizer
-from pretrain.models.transnormer import TransNormerConfig, TransNormerLLM
+from pretrain.models.transnormer import TransNormerLLM
 
 
 @dataclass
@@ -36,13 +36,11 @@ def resolve_checkpoint(ref: str | Path) -> Path:
 
 
 def load_model(ref: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    from checkpoints.export import load_checkpoint_model
+
     path = resolve_checkpoint(ref)
-    loaded = load_checkpoint(path, parts=["model"])
-    model_cfg = TransNormerConfig.from_dict(
-        loaded.metadata["config"]["model"], source=str(path / "manifest.json")
-    )
-    model = model_cfg.build()
-    model.load_state_dict(loaded.state["model"])
+    # Builds the recorded model config and merges the LoRA adapters of finetuning stages.
+    model, metadata = load_checkpoint_model(path)
     model.to(device).eval()
-    tokenizer = SentencePieceTokenizer(path / loaded.metadata["tokenizer"]["file"])
-    return LoadedModel(model, tokenizer, path, loaded.step)
+    tokenizer = SentencePieceTokenizer(path / metadata["tokenizer"]["file"])
+    return LoadedModel(model, tokenizer, path, int(metadata.get("step", 0)))

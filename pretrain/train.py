@@ -90,6 +90,12 @@ def run_training(
         "config_hash": config.config_hash(),
         "tokenizer": {"file": "tokenizer.model", **tokenizer.unique_identifiers},
         "code_version": code_version(),
+        # The root of every finetuning lineage (see pretrain.finetune.lineage).
+        "lineage": {
+            "stage": "pretrain",
+            "data": {"kind": "tokens", "paths": config.data.paths, "seq_len": config.data.seq_len},
+            "chain": [],
+        },
         # The layout the state was trained under; the saved state itself is layout-free (full).
         "layout": {
             "engine": config.parallel.engine,
