@@ -259,8 +259,8 @@ def scatter_adamw_state(
                         f"the model's is {tuple(_full_shape(p))}"
                     )
     base = base_optimizer(optimizer)
-    if zero_stage == 0:
-        base.load_state_dict(state_dict)
+    if zero_stage == 0:  # a copy: torch keeps same-dtype tensors, and AdamW updates them in place
+        base.load_state_dict(_cpu(state_dict))
         return
     for live, saved in zip(_hyper_groups(optimizer, len(groups)), saved_groups, strict=True):
         live.update({k: v for k, v in saved.items() if k != "params"})
@@ -269,17 +269,20 @@ def scatter_adamw_state(
         _relink(optimizer)
         return
     order = [i for g in saved_groups for i in g["params"]]
-    step = float(saved_state[order[0]]["step"])
+    step = max(float(entry["step"]) for entry in saved_state.values())
+    torch_adam = isinstance(base, (torch.optim.Adam, torch.optim.AdamW))
     for part in _flat_partitions(optimizer):  # AdamW creates its state lazily, at the first step
         entry = base.state[part]
-        entry["step"] = torch.tensor(step, dtype=torch.float32)
+        # torch Adam/AdamW keep a float tensor, DeepSpeedCPUAdam (ZeRO-Offload) a Python int
+        entry["step"] = torch.tensor(step, dtype=torch.float32) if torch_adam else int(step)
         for key in _MOMENTS:
             if key not in entry:
                 entry[key] = torch.zeros_like(part, memory_format=torch.preserve_format)
     _relink(optimizer)
     for i, p in zip(order, flat, strict=True):
-        for key in _MOMENTS:
-            _set_moment(optimizer, p, saved_state[i][key], key)
+        for key in _MOMENTS:  # a parameter without state (never had a gradient) gets zeros
+            value = saved_state[i][key] if i in saved_state else torch.zeros(_full_shape(p))
+            _set_moment(optimizer, p, value, key)
 
 
 def _flat_partitions(optimizer: Any) -> list[torch.Tensor]:

@@ -208,11 +208,13 @@ class DeepSpeedTrainModule:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Load what :meth:`state_dict` returned (on any rank) or a single-process TrainModule's
-        ``model`` weights. Collective.
+        """Load a full state in the single-process layout: what :meth:`state_dict` returned under
+        any ZeRO stage and dp size, or what the native / megatron train modules save. Collective.
 
         Raises:
-            ValueError: if the optimizer state was saved under another ZeRO stage or dp size.
+            ValueError: if the optimizer state does not match the model (param groups, shapes), is
+                of an unknown kind, or is an older per-rank state saved under another ZeRO stage or
+                dp size.
         """
         self.load_model_weights(state["model"])
         self._load_optimizer_state(state["optimizer"])

@@ -5,12 +5,14 @@ One spawn runs every distributed check (DeepSpeed's engine init costs ~5-10 s pe
 ZeRO-0/1/2/3 at dp=2 each train 10 steps on the halves of the same global batches as the
 reference; one step's gradients are gathered and compared tensor by tensor; ZeRO-0/1/2 rewind to
 a saved state and repeat their last steps; ZeRO-3 saves through our Checkpointer and a fresh engine
-resumes from it; its consolidated weights give a plain model the engine's logits. A bf16 ZeRO-2
+resumes from it; its consolidated weights give a plain model the engine's logits. Every stage's
+saved optimizer state is the single-process AdamW ``state_dict`` (layout and values). A bf16 ZeRO-2
 run checks that checkpoints hold the fp32 masters, not the bf16 weights.
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -69,8 +71,9 @@ def _shard(mb: Batch, rank: int) -> Batch:
     return Batch(mb.tokens[rows], mb.labels[rows], mb.loss_mask[rows])
 
 
-def _reference() -> tuple[list[dict[str, float]], dict[str, torch.Tensor]]:
-    """Single-process losses/grad norms/lrs, and the first step's gradients."""
+def _reference() -> tuple[list[dict[str, float]], dict[str, torch.Tensor], dict]:
+    """Single-process losses/grad norms/lrs, the first step's gradients and the AdamW state
+    after ``SAVE_AT`` steps."""
     batches = _global_batches()
     model = _model()
     n = sum(mb.loss_mask.sum() for mb in batches[0])
@@ -78,8 +81,12 @@ def _reference() -> tuple[list[dict[str, float]], dict[str, torch.Tensor]]:
         (token_loss(model(mb.tokens), mb.labels, mb.loss_mask) / n).backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters()}
     module = TrainModule(_model(), _train_config(), torch.device("cpu"))
-    curve = [{k: float(v) for k, v in module.train_step(mbs).items()} for mbs in batches]
-    return curve, grads
+    curve, optimizer_state = [], None
+    for i, mbs in enumerate(batches):
+        curve.append({k: float(v) for k, v in module.train_step(mbs).items()})
+        if i + 1 == SAVE_AT:
+            optimizer_state = copy.deepcopy(module.optimizer.state_dict())  # AdamW steps in place
+    return curve, grads, optimizer_state
 
 
 # -- distributed body ---------------------------------------------------------------------------
@@ -138,6 +145,17 @@ def _zero_checks(rank: int, world_size: int, ckpt_root: str) -> dict:
             dist.barrier()
         curve += _run(module, batches[SAVE_AT:], rank)
         entry = {"curve": curve, "grads": grads if rank == 0 else None}
+        entry["optimizer"] = _numpy(state["optimizer"]) if rank == 0 else None  # a copy, before resuming
+        if stage == 1:  # a state of the wrong shapes is refused before anything is loaded
+            bad = {
+                **state["optimizer"],
+                "state": {k: dict(v) for k, v in state["optimizer"]["state"].items()},
+            }
+            bad["state"][0]["exp_avg"] = bad["state"][0]["exp_avg"][:1]
+            try:
+                module.load_state_dict({**state, "optimizer": bad})
+            except ValueError as exc:
+                entry["bad_shape_error"] = str(exc)
         if stage < 3:  # rewind this engine through the checkpoint encoding and repeat
             tensors, skeleton = flatten_state(state)
             module.load_state_dict(unflatten_state(tensors, skeleton))
@@ -194,8 +212,8 @@ def _rel(a: float, b: float) -> float:
 def zero_results(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("zero_ckpt")
     per_rank = run_distributed(_zero_checks, DP, str(root), timeout=400)
-    ref_curve, ref_grads = _reference()
-    return {"ranks": per_rank, "ref_curve": ref_curve, "ref_grads": ref_grads}
+    ref_curve, ref_grads, ref_optimizer = _reference()
+    return {"ranks": per_rank, "ref_curve": ref_curve, "ref_grads": ref_grads, "ref_optimizer": ref_optimizer}
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
@@ -219,6 +237,28 @@ def test_gathered_gradients_match(zero_results: dict, stage: int) -> None:
         torch.testing.assert_close(
             torch.from_numpy(grads[name]), want, rtol=1e-5, atol=1e-7, msg=f"ZeRO-{stage} {name}"
         )
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_optimizer_state_is_the_single_process_adamw_layout(zero_results: dict, stage: int) -> None:
+    got, want = zero_results["ranks"][0][stage]["optimizer"], zero_results["ref_optimizer"]
+    assert [g["params"] for g in got["param_groups"]] == [g["params"] for g in want["param_groups"]]
+    for g_got, g_want in zip(got["param_groups"], want["param_groups"]):
+        assert g_got["lr"] == pytest.approx(g_want["lr"], rel=1e-7)
+        assert g_got["weight_decay"] == g_want["weight_decay"] and tuple(g_got["betas"]) == tuple(
+            g_want["betas"]
+        )
+    assert sorted(got["state"]) == sorted(want["state"])
+    for i, entry in want["state"].items():
+        assert float(got["state"][i]["step"]) == float(entry["step"]) == SAVE_AT
+        for key in ("exp_avg", "exp_avg_sq"):
+            value, ref = torch.as_tensor(got["state"][i][key]), entry[key]
+            assert value.shape == ref.shape, (stage, i, key)
+            torch.testing.assert_close(value, ref, rtol=1e-3, atol=1e-3 * float(ref.abs().max()))
+
+
+def test_optimizer_state_of_wrong_shape_is_refused(zero_results: dict) -> None:
+    assert "has shape (1, 32), the model's is (64, 32)" in zero_results["ranks"][0][1]["bad_shape_error"]
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2])
