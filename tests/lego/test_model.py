@@ -152,3 +152,13 @@ def test_config_validation_and_presets():
     per = small.num_params_per_part()
     n = sum(p.numel() for p in model.parameters())
     assert n == per["embed"] + 2 * per["encoder"] + 2 * per["decoder"]
+
+
+def test_yaml_presets_load():
+    from pretrain.lego.train import LegoRunConfig
+
+    big = LegoRunConfig.from_yaml("configs/lego-mt-1.2b.yaml")
+    per = big.model.num_params_per_part()
+    assert round((per["embed"] + per["encoder"] + per["decoder"]) / 1e9, 2) == 1.24
+    assert big.model.layerdrop == 0.05 and len(big.model.groups) == 7
+    assert LegoRunConfig.from_yaml("configs/lego-mt-tiny.yaml").model.d_model == 128
