@@ -115,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_commands(sub)
     add_finetune_commands(sub)
     add_cluster_commands(sub)
+
+    from pretrain.lego.cli import add_lego_commands
+
+    add_lego_commands(sub)
     return parser
 
 

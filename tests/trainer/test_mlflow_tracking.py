@@ -69,3 +69,16 @@ def test_default_store_is_sqlite_in_run_dir(
     artifacts = tmp_path / "run" / "mlartifacts"
     assert run.info.artifact_uri.startswith(artifacts.resolve().as_uri())
     assert list(artifacts.rglob("config.yaml"))
+
+
+def test_tracking_does_not_leak_into_the_environment(
+    tiny_corpus: dict[str, Path], tmp_path: Path, monkeypatch
+) -> None:
+    import os
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_training(
+        tiny_config(tiny_corpus, tmp_path / "run", **{"tracking.enabled": True, "train.steps": 1}),
+        progress=False,
+    )
+    assert "MLFLOW_TRACKING_URI" not in os.environ

@@ -70,7 +70,8 @@ class MLflowCallback(Callback):
         import mlflow
         from mlflow.tracking import MlflowClient
 
-        mlflow.set_tracking_uri(self.tracking_uri)
+        # Only the client is pointed at the store: mlflow.set_tracking_uri would also export
+        # MLFLOW_TRACKING_URI to this process and redirect every later run started in it.
         self._client = MlflowClient(self.tracking_uri)
         if self.run_id is None and self.run_id_file is not None and self.run_id_file.is_file():
             self.run_id = self.run_id_file.read_text().strip() or None
@@ -104,7 +105,8 @@ class MLflowCallback(Callback):
             self._client.set_tag(self.run_id, "resumed_at_step", str(self.trainer.step))
         if self.run_id_file is not None:
             self.run_id_file.write_text(self.run_id)
-        if self.system_metrics:
+        if self.system_metrics:  # the sampler runs through the fluent API
+            mlflow.set_tracking_uri(self.tracking_uri)
             mlflow.start_run(run_id=self.run_id, log_system_metrics=True)
         self.trainer.results["mlflow_run_id"] = self.run_id
         self.trainer.results["mlflow_tracking_uri"] = self.tracking_uri
