@@ -123,6 +123,20 @@ def test_megatron_tp2_pp2_matches_single_process_and_resumes_in_one(
     assert sorted(resumed) == list(range(4, STEPS + 1))
     _assert_same_curve(resumed, reference, range(4, STEPS + 1))
 
+    # ... and so does ZeRO-3 at dp=4 (one sample per rank and micro-batch: the same global batch).
+    zero_dir = tmp_path / "zero3dp4"
+    (zero_dir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(run_dir / "checkpoints" / "step_00000003", zero_dir / "checkpoints" / "step_00000003")
+    zero = _train(
+        tiny_corpus,
+        zero_dir,
+        nproc=4,
+        **accum,
+        **{"parallel.engine": "deepspeed", "parallel.zero_stage": 3, "train.micro_batch_size": 1},
+    )
+    assert sorted(zero) == list(range(4, STEPS + 1))
+    _assert_same_curve(zero, reference, range(4, STEPS + 1))
+
 
 @pytest.mark.parametrize(
     ("sets", "message"),
