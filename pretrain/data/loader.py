@@ -98,25 +98,33 @@ def build_gpt_datasets(
     )
     # Silence megatron's per-split INFO chatter; warnings still show.
     logging.getLogger("megatron.core.datasets").setLevel(logging.WARNING)
-    if weights is not None:
-        # megatron's BlendedDataset asks torch.distributed for the rank when it caches its
-        # indices; a one-process run gets an in-memory world of one.
-        _ensure_process_group()
+    # megatron's BlendedDataset asks torch.distributed for the rank when it caches its indices;
+    # a one-process run gets an in-memory world of one for the build, and no group after it.
+    own_group = weights is not None and _ensure_process_group()
     # With weights megatron needs a size for every split ("size_is_none => weights_are_none").
     test_samples = 0 if weights is not None else None
-    train, valid, _ = BlendedMegatronDatasetBuilder(
-        GPTDataset, [train_samples, valid_samples, test_samples], lambda: True, gpt_config
-    ).build()
+    try:
+        train, valid, _ = BlendedMegatronDatasetBuilder(
+            GPTDataset, [train_samples, valid_samples, test_samples], lambda: True, gpt_config
+        ).build()
+    finally:
+        if own_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
     if train is None or valid is None:
         raise ValueError(f"data.split={config.split!r} leaves no train or no validation documents")
     return train, valid
 
 
-def _ensure_process_group() -> None:
+def _ensure_process_group() -> bool:
+    """Start a one-process group if none exists; returns whether it did."""
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    if dist.is_initialized():
+        return False
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    return True
 
 
 @dataclass
