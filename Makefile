@@ -32,8 +32,14 @@ test: $(STAMP)
 slurm-stop:
 	$(BIN)/python -m cluster.local_slurm stop
 
+# Each prints a table and writes bench/results/<name>.json; ratios are measured side by side.
 bench: $(STAMP)
+	$(BIN)/python bench/bench_attention.py
+	$(BIN)/python bench/bench_decode.py
 	$(BIN)/python bench/bench_train.py
+	$(BIN)/python -m bench.bench_data
+	$(BIN)/python bench/bench_parallel.py
+	$(BIN)/python bench/bench_lego.py
 
 # A tiny Lego-MT on the gettext catalogs every machine has: data, two stages, detach, translate, BLEU/chrF.
 lego-demo: $(STAMP)
