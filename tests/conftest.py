@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,21 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, 9)
     log.close()
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> Iterator[Path]:
+    """The local single-node cluster (``cluster.local_slurm``); ``SLURM_CONF`` is exported."""
+    from cluster.local_slurm import LocalSlurmError, start
+
+    try:
+        cluster = start()
+    except LocalSlurmError as exc:
+        pytest.fail(f"the local SLURM cluster could not start: {exc}")
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(cluster.conf)
+    yield cluster.conf
+    if old is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = old

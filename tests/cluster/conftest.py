@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,24 +11,6 @@ import pytest
 
 from cluster.jobs import JobInfo, job_status
 from cluster.slurm import slurm
-
-
-@pytest.fixture(scope="session")
-def slurm_cluster() -> Iterator[Path]:
-    """The local single-node cluster (``cluster.local_slurm``); ``SLURM_CONF`` is exported."""
-    from cluster.local_slurm import LocalSlurmError, start
-
-    try:
-        cluster = start()
-    except LocalSlurmError as exc:
-        pytest.fail(f"the local SLURM cluster could not start: {exc}")
-    old = os.environ.get("SLURM_CONF")
-    os.environ["SLURM_CONF"] = str(cluster.conf)
-    yield cluster.conf
-    if old is None:
-        os.environ.pop("SLURM_CONF", None)
-    else:
-        os.environ["SLURM_CONF"] = old
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,24 +18,6 @@ from data_pipeline.run import DataRunConfig, run_data_pipeline
 pytestmark = pytest.mark.slow
 
 JOB_PREFIX = f"dpt{os.getpid()}"
-
-
-@pytest.fixture(scope="module")
-def slurm_conf() -> Iterator[Path]:
-    """The local single-node cluster (``cluster.local_slurm``), ``SLURM_CONF`` exported."""
-    from cluster.local_slurm import LocalSlurmError, start
-
-    try:
-        cluster = start()
-    except LocalSlurmError as exc:
-        pytest.fail(f"the local SLURM cluster could not start: {exc}")
-    old = os.environ.get("SLURM_CONF")
-    os.environ["SLURM_CONF"] = str(cluster.conf)
-    yield cluster.conf
-    if old is None:
-        os.environ.pop("SLURM_CONF", None)
-    else:
-        os.environ["SLURM_CONF"] = old
 
 
 def _partition() -> str:
@@ -80,7 +61,7 @@ def _print_logs(out: Path) -> None:
         print(f"===== {path}\n{path.read_text(errors='replace')[-4000:]}")
 
 
-def test_data_run_on_slurm_matches_local(slurm_conf: Path, tmp_path: Path) -> None:
+def test_data_run_on_slurm_matches_local(slurm_cluster: Path, tmp_path: Path) -> None:
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     local = run_data_pipeline(_config(tmp_path / "local", {"kind": "local", "workers": 1}), progress=False)
@@ -155,7 +136,7 @@ def _noop(data, rank: int = 0, world_size: int = 1):
     yield from data or []
 
 
-def test_failed_stage_cancels_the_chain(slurm_conf: Path, tmp_path: Path) -> None:
+def test_failed_stage_cancels_the_chain(slurm_cluster: Path, tmp_path: Path) -> None:
     """A failing job array raises with its logs named, and the stage queued after it is cancelled."""
     from data_pipeline.executors import SlurmExecutorFactory
 
