@@ -1,4 +1,5 @@
 import json
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -70,14 +71,19 @@ def test_expand_inputs_formats(tmp_path: Path) -> None:
         expand_clean_inputs([tmp_path / "missing"])
 
 
+def test_zstd_jsonl_is_read(tmp_path: Path) -> None:
+    import zstandard
+
+    texts = [f"Document number {i} explains how the reader handles compressed input files." for i in range(3)]
+    raw = "".join(json.dumps({"id": str(i), "text": t}) + "\n" for i, t in enumerate(texts)).encode()
+    path = tmp_path / "a.jsonl.zst"
+    path.write_bytes(zstandard.ZstdCompressor().compress(raw))
+    assert [r["text"] for r in jsonl.iter_jsonl_records([path])] == texts
+
+
 def test_zstd_without_zstandard_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "a.jsonl.zst"
     path.write_bytes(jsonl.ZSTD_MAGIC + b"\x00" * 16)
-    try:
-        import zstandard  # noqa: F401
-
-        pytest.skip("zstandard is installed")
-    except ImportError:
-        pass
+    monkeypatch.setitem(sys.modules, "zstandard", None)  # as on a machine without the package
     with pytest.raises(jsonl.MissingDependencyError, match="zstandard"):
         run_clean([path], tmp_path / "out", CleanConfig())

@@ -113,7 +113,7 @@ def _check_reshard(rank: int, topo) -> dict[str, float]:
         box = [buf.getvalue()]
     dist.broadcast_object_list(box, src=0)
     plain = cfg.build()
-    plain.load_state_dict(torch.load(io.BytesIO(box[0])))
+    plain.load_state_dict(torch.load(io.BytesIO(box[0]), weights_only=True))
     errors = {"tp2_to_tp1": _rel(gather_logits(tp_model(tokens), topo), plain(tokens).detach())}
 
     # tp=1 -> tp=2: a plain model with other weights, loaded shard-wise
