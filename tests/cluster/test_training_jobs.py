@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -110,6 +111,11 @@ def test_restart_budget_stops_requeueing_a_job_that_fails_at_the_same_step(
     job = submit(CONFIG, options).job_id
     jobs.append(job)
     release_requeued(job, 1, timeout=120)
+    # The first attempt's FAILED record can be seen before the requeued attempt has run: wait
+    # for the second attempt to write its verdict, then for the job to settle.
+    deadline = time.time() + 180
+    while not load_ledger(run_dir)["stopped"] and time.time() < deadline:
+        time.sleep(1)
     info = wait_state(job, DONE, timeout=120)
     log = (run_dir / "slurm" / f"{job}.out").read_text()
     assert info.state == "FAILED" and info.restarts == 1, log
