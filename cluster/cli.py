@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cluster.slurm import SlurmError
+from pretrain.config import add_overrides_argument
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -137,17 +138,6 @@ def _cmd_monitor(args: argparse.Namespace) -> int:
     return 3 if flagged else 0
 
 
-def _add_set(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config override passed to every rank (repeatable)",
-    )
-
-
 def add_cluster_commands(sub: argparse._SubParsersAction) -> dict[str, Handler]:
     """Register the cluster subcommands; returns ``{command: handler}`` (also set as ``handler``)."""
     handlers: dict[str, Handler] = {}
@@ -179,7 +169,7 @@ def add_cluster_commands(sub: argparse._SubParsersAction) -> dict[str, Handler]:
     p.add_argument("--max-restarts", type=int, default=3, help="restarts without progress allowed")
     p.add_argument("--no-requeue", action="store_true", help="never requeue the job")
     p.add_argument("--dry-run", action="store_true", help="print the script; submit nothing")
-    _add_set(p)
+    add_overrides_argument(p, help="config override passed to every rank (repeatable)")
 
     p = parser("status", _cmd_status, help="state of one job, or the queue", description="Job status.")
     p.add_argument("job", nargs="?", help="job id (default: every queued job)")

@@ -23,6 +23,8 @@ def add_data_commands(subparsers: Any) -> argparse.ArgumentParser:
     Returns:
         The ``data`` parser (its sub-command is in ``args.data_command``).
     """
+    from pretrain.config import add_overrides_argument
+
     data = subparsers.add_parser(
         "data",
         help="data pipelines: clean, self-clean, tokenize and blend training data",
@@ -36,14 +38,7 @@ def add_data_commands(subparsers: Any) -> argparse.ArgumentParser:
         "tokenizer, tokenize, blend. Re-running skips finished stages and tasks.",
     )
     p.add_argument("config", type=Path, help="data config YAML, e.g. configs/data-example.yaml")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set selfclean.rounds=3 (repeatable)",
-    )
+    add_overrides_argument(p, help="override a config key, e.g. --set selfclean.rounds=3 (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p = sub.add_parser(
         "clean",

@@ -19,17 +19,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from pretrain.config import ConfigError
+from pretrain.config import ConfigError, add_overrides_argument
 
 
 def _add_set(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set train.lr=3e-4 --set data.seq_len=512 (repeatable)",
+    add_overrides_argument(
+        p, help="override a config key, e.g. --set train.lr=3e-4 --set data.seq_len=512 (repeatable)"
     )
 
 

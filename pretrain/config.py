@@ -8,6 +8,7 @@ composes them. Validation happens when the config is built, before any work star
 
 from __future__ import annotations
 
+import argparse
 import difflib
 from pathlib import Path
 from typing import Any, TypeVar
@@ -89,6 +90,14 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = child
         node[parts[-1]] = value
     return out
+
+
+def add_overrides_argument(parser: argparse.ArgumentParser, help: str) -> None:
+    """Add the repeatable ``--set KEY=VALUE`` option; the values collect in ``args.overrides``
+    (for :meth:`Config.from_yaml`, which applies them with :func:`apply_overrides`)."""
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help
+    )
 
 
 def _deep_copy(data: Any) -> Any:

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from checkpoints.manifest import CheckpointError
+from pretrain.config import add_overrides_argument
 
 
 def _add_registry_args(p: argparse.ArgumentParser) -> None:
@@ -40,8 +41,7 @@ def add_finetune_commands(subparsers: argparse._SubParsersAction) -> None:
         "Re-running the same command resumes the stage.",
     )
     p.add_argument("config", type=Path, help="stage config YAML, e.g. configs/sft-tiny.yaml")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set train.lr=2e-5 (repeatable)")  # fmt: skip
+    add_overrides_argument(p, help="override a config key, e.g. --set train.lr=2e-5 (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=_cmd_finetune)
 
