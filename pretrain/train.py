@@ -17,9 +17,10 @@ from cluster.run_tags import RunTagsCallback, run_tags
 from data_pipeline.tokenizer import SentencePieceTokenizer
 from parallel.apply import build_train_module, check_layout
 from pretrain.config import ConfigError
-from pretrain.data.loader import SampleLoader, build_gpt_datasets
+from pretrain.data.loader import Batch, SampleLoader, build_gpt_datasets
 from pretrain.run_config import RunConfig
 from pretrain.tracking import resolve_tracking_uri
+from pretrain.trainer.callbacks.base import Callback
 from pretrain.trainer.callbacks.checkpoint import CheckpointCallback
 from pretrain.trainer.callbacks.evaluation import EvaluationCallback
 from pretrain.trainer.callbacks.memory_monitor import MemoryMonitorCallback
@@ -32,6 +33,78 @@ from pretrain.trainer.train_module import resolve_device
 from pretrain.trainer.trainer import Trainer, seed_everything
 
 logger = logging.getLogger(__name__)
+
+
+def build_callbacks(
+    config: RunConfig,
+    *,
+    env: ProcessEnv,
+    dp_size: int,
+    eval_batches: list[Batch],
+    metadata: dict[str, Any],
+    files: dict[str, Path],
+    params: dict[str, Any],
+    artifacts: dict[str, list[Path]],
+    tags: dict[str, str],
+    progress: bool = True,
+    memory_monitor: bool = True,
+) -> dict[str, Callback]:
+    """The standard callbacks of a run under ``config`` (pretraining and finetuning stages).
+
+    Args:
+        env: this process's place in the job (throughput and MFU count every device).
+        dp_size: data-parallel replicas (the global batch is ``dp_size`` local ones).
+        eval_batches: held-out micro-batches; none: no evaluation.
+        metadata: recorded in every checkpoint's manifest.
+        files: copied into every checkpoint (``{name in checkpoint: source}``).
+        params: the MLflow run's params (the resolved config).
+        artifacts: files logged to the MLflow run, ``{subdir: [paths]}``.
+        tags: the MLflow run's tags.
+        progress: show a progress bar (on the main rank).
+        memory_monitor: record the peak memory.
+
+    Returns:
+        By name: ``checkpoint``, ``speed``, ``memory`` (with ``memory_monitor``), ``stability``,
+        ``evaluation`` (with ``eval_batches``), ``progress``, ``metrics_file`` and ``mlflow``
+        (with ``config.tracking`` enabled).
+    """
+    tc = config.train
+    seq_len = config.data.seq_len
+    run_dir = config.resolved_run_dir
+    callbacks: dict[str, Callback] = {
+        "checkpoint": CheckpointCallback(
+            config.checkpoint.build(config.checkpoint_dir),
+            config.checkpoint.interval,
+            metadata=metadata,
+            files=files,
+        ),
+        # Throughput counts the global batch; MFU divides by the peak of every device in the job.
+        "speed": SpeedMonitorCallback(
+            config.model.flops_per_token(seq_len),
+            tc.micro_batch_size * tc.grad_accum * seq_len * dp_size,
+            tc.peak_flops * env.world_size if tc.peak_flops else None,
+            devices=env.world_size,
+        ),
+    }
+    if memory_monitor:
+        callbacks["memory"] = MemoryMonitorCallback()
+    callbacks["stability"] = StabilityCallback(tc.spike_factor)
+    if eval_batches:
+        callbacks["evaluation"] = EvaluationCallback(eval_batches, tc.eval_interval)
+    callbacks["progress"] = ProgressCallback(progress and env.is_main)
+    callbacks["metrics_file"] = MetricsFileCallback(run_dir / "metrics.jsonl")
+    if config.tracking.enabled:
+        callbacks["mlflow"] = MLflowCallback(
+            tracking_uri=resolve_tracking_uri(config.tracking, run_dir),
+            experiment=config.tracking.experiment,
+            run_name=config.tracking.run_name or config.name,
+            params=params,
+            artifacts=artifacts,
+            tags=tags,
+            run_id_file=run_dir / "mlflow_run_id",
+            system_metrics=config.tracking.system_metrics,
+        )
+    return callbacks
 
 
 def run_training(
@@ -83,7 +156,6 @@ def run_training(
     eval_loader = SampleLoader(valid_ds, tc.micro_batch_size, dp_rank=setup.dp_rank, dp_size=setup.dp_size)
     eval_batches = [eval_loader.next_micro_batch() for _ in range(tc.eval_batches)]
 
-    tracking_uri = resolve_tracking_uri(config.tracking, run_dir)
     metadata = {
         "model_family": "transnormer",
         "config": config.to_dict(),
@@ -107,41 +179,25 @@ def run_training(
             "zero_stage": config.parallel.zero_stage,
         },
     }
-    callbacks = {
-        "checkpoint": CheckpointCallback(
-            config.checkpoint.build(config.checkpoint_dir),
-            config.checkpoint.interval,
-            metadata=metadata,
-            files={"tokenizer.model": Path(config.data.tokenizer), "config.yaml": resolved_path},
-        ),
-        # Throughput counts the global batch; MFU divides by the peak of every device in the job.
-        "speed": SpeedMonitorCallback(
-            config.model.flops_per_token(config.data.seq_len),
-            tc.micro_batch_size * tc.grad_accum * config.data.seq_len * setup.dp_size,
-            tc.peak_flops * env.world_size if tc.peak_flops else None,
-            devices=env.world_size,
-        ),
-        "memory": MemoryMonitorCallback(),
-        "stability": StabilityCallback(tc.spike_factor),
-        "evaluation": EvaluationCallback(eval_batches, tc.eval_interval),
-        "progress": ProgressCallback(progress and env.is_main),
-        "metrics_file": MetricsFileCallback(run_dir / "metrics.jsonl"),
-    }
+    tags = run_tags(config) if config.tracking.enabled else {}
+    callbacks = build_callbacks(
+        config,
+        env=env,
+        dp_size=setup.dp_size,
+        eval_batches=eval_batches,
+        metadata=metadata,
+        files={"tokenizer.model": Path(config.data.tokenizer), "config.yaml": resolved_path},
+        params=config.to_dict(),
+        artifacts={
+            "config": [resolved_path] + ([config_path] if config_path else []),
+            "tokenizer": [Path(config.data.tokenizer)],
+        },
+        tags=tags,
+        progress=progress,
+    )
     if config.tracking.enabled:
-        artifacts = {"config": [resolved_path] + ([config_path] if config_path else [])}
-        artifacts["tokenizer"] = [Path(config.data.tokenizer)]
-        callbacks["mlflow"] = MLflowCallback(
-            tracking_uri=tracking_uri,
-            experiment=config.tracking.experiment,
-            run_name=config.tracking.run_name or config.name,
-            params=config.to_dict(),
-            artifacts=artifacts,
-            tags=run_tags(config),
-            run_id_file=run_dir / "mlflow_run_id",
-            system_metrics=config.tracking.system_metrics,
-        )
         # A requeued job reopens its MLflow run: refresh job id, restart count and node list.
-        callbacks["run_tags"] = RunTagsCallback(run_tags(config))
+        callbacks["run_tags"] = RunTagsCallback(tags)
     if env.slurm_job_id:
         from cluster.preemption import PreemptionCallback
 

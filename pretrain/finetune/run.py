@@ -28,14 +28,7 @@ from pretrain.finetune.instructions import build_mixture
 from pretrain.finetune.lineage import LineageCallback, Parent, resolve_init_from
 from pretrain.finetune.lora import apply_lora, lora_metadata
 from pretrain.run_config import RunConfig
-from pretrain.tracking import resolve_tracking_uri
-from pretrain.trainer.callbacks.checkpoint import CheckpointCallback
-from pretrain.trainer.callbacks.evaluation import EvaluationCallback
-from pretrain.trainer.callbacks.metrics_file import MetricsFileCallback
-from pretrain.trainer.callbacks.mlflow import MLflowCallback
-from pretrain.trainer.callbacks.progress import ProgressCallback
-from pretrain.trainer.callbacks.speed_monitor import SpeedMonitorCallback
-from pretrain.trainer.callbacks.stability import StabilityCallback
+from pretrain.train import build_callbacks
 from pretrain.trainer.train_module import resolve_device
 from pretrain.trainer.trainer import Trainer, seed_everything
 
@@ -177,38 +170,24 @@ def run_stage(
                 "pp": stage.parallel.pp, "cp": stage.parallel.cp, "dp": setup.dp_size},
         lineage=lineage,
     )  # fmt: skip
-    callbacks: dict[str, Any] = {
-        "checkpoint": CheckpointCallback(
-            run_cfg.checkpoint.build(run_cfg.checkpoint_dir),
-            run_cfg.checkpoint.interval,
-            metadata=metadata,
-            files={"tokenizer.model": tok_path, "config.yaml": resolved_path, "stage.yaml": stage_path},
-        ),
-        "speed": SpeedMonitorCallback(
-            run_cfg.model.flops_per_token(seq_len),
-            tc.micro_batch_size * tc.grad_accum * seq_len * setup.dp_size,
-            tc.peak_flops * env.world_size if tc.peak_flops else None,
-            devices=env.world_size,
-        ),
-        "stability": StabilityCallback(tc.spike_factor),
-        "progress": ProgressCallback(progress and env.is_main),
-        "metrics_file": MetricsFileCallback(run_dir / "metrics.jsonl"),
-        "lineage": LineageCallback(lineage),
-    }
-    if eval_batches:
-        callbacks["evaluation"] = EvaluationCallback(eval_batches, tc.eval_interval)
-    if stage.tracking.enabled:
-        params = stage.to_dict()
-        callbacks["mlflow"] = MLflowCallback(
-            tracking_uri=resolve_tracking_uri(stage.tracking, run_dir),
-            experiment=stage.tracking.experiment,
-            run_name=stage.tracking.run_name or stage.name,
-            params=params,
-            artifacts={"config": [stage_path, resolved_path] + ([config_path] if config_path else [])},
-            tags={"code_version": code_version(), "config_hash": stage.config_hash(), "stage": stage.stage},
-            run_id_file=run_dir / "mlflow_run_id",
-            system_metrics=stage.tracking.system_metrics,
-        )
+    callbacks = build_callbacks(
+        run_cfg,
+        env=env,
+        dp_size=setup.dp_size,
+        eval_batches=eval_batches,
+        metadata=metadata,
+        files={"tokenizer.model": tok_path, "config.yaml": resolved_path, "stage.yaml": stage_path},
+        params=stage.to_dict(),
+        artifacts={"config": [stage_path, resolved_path] + ([config_path] if config_path else [])},
+        tags={
+            "code_version": metadata["code_version"],
+            "config_hash": stage.config_hash(),
+            "stage": stage.stage,
+        },
+        progress=progress,
+        memory_monitor=False,
+    )
+    callbacks["lineage"] = LineageCallback(lineage)
     trainer = Trainer(
         train_module=setup.train_module,
         loader=loader,
