@@ -67,15 +67,26 @@ class ExecutorFactory:
             depends: the executor of the stage this one reads from (SLURM: ``afterok``).
             tasks_per_job: ranks one SLURM job runs one after another (light stages: all).
         """
-        from datatrove.executor import LocalPipelineExecutor
-
-        return LocalPipelineExecutor(
+        executor_class, jobs, options = self._backend(
+            name=name, tasks=tasks, depends=depends, tasks_per_job=tasks_per_job
+        )
+        return executor_class(
             pipeline,
             tasks=tasks,
-            workers=max(1, min(workers, tasks)),
+            workers=max(1, min(workers, jobs)),
             logging_dir=str(logging_dir),
             skip_completed=True,
+            **options,
         )
+
+    def _backend(
+        self, *, name: str, tasks: int, depends: Any, tasks_per_job: int
+    ) -> tuple[type, int, dict[str, Any]]:
+        """The datatrove executor class of a stage, how many units it schedules (local: tasks,
+        SLURM: jobs; ``workers`` is capped at that) and the class's own arguments."""
+        from datatrove.executor import LocalPipelineExecutor
+
+        return LocalPipelineExecutor, tasks, {}
 
     def run_chain(self, executors: Sequence[Any]) -> None:
         """Run the stages in order, each to completion."""
@@ -112,37 +123,24 @@ class SlurmExecutorFactory(ExecutorFactory):
     """Give up (cancel the chain's jobs, raise ``TimeoutError``) after this long; ``None``: never."""
     local = False
 
-    def build(
-        self,
-        pipeline: list[Any],
-        *,
-        name: str,
-        tasks: int,
-        workers: int,
-        logging_dir: Path,
-        depends: Any = None,
-        tasks_per_job: int = 1,
-    ) -> Any:
+    def _backend(
+        self, *, name: str, tasks: int, depends: Any, tasks_per_job: int
+    ) -> tuple[type, int, dict[str, Any]]:
         from datatrove.executor import SlurmPipelineExecutor
 
-        jobs = math.ceil(tasks / tasks_per_job)
-        return SlurmPipelineExecutor(
-            pipeline,
-            tasks=tasks,
-            workers=max(1, min(workers, jobs)),
-            time=self.time,
-            partition=self.partition,
-            cpus_per_task=self.cpus_per_task,
-            mem_per_cpu_gb=self.mem_per_cpu_gb,
-            venv_path=self.venv_path or default_venv_activate(),
-            qos=self.qos or "",
-            job_name=f"{self.job_name}-{name}",
-            sbatch_args={"kill-on-invalid-dep": "yes", **self.sbatch_args},
-            logging_dir=str(logging_dir),
-            skip_completed=True,
-            depends=depends,
-            tasks_per_job=tasks_per_job,
-        )
+        options = {
+            "time": self.time,
+            "partition": self.partition,
+            "cpus_per_task": self.cpus_per_task,
+            "mem_per_cpu_gb": self.mem_per_cpu_gb,
+            "venv_path": self.venv_path or default_venv_activate(),
+            "qos": self.qos or "",
+            "job_name": f"{self.job_name}-{name}",
+            "sbatch_args": {"kill-on-invalid-dep": "yes", **self.sbatch_args},
+            "depends": depends,
+            "tasks_per_job": tasks_per_job,
+        }
+        return SlurmPipelineExecutor, math.ceil(tasks / tasks_per_job), options
 
     def run_chain(self, executors: Sequence[Any]) -> None:
         """Submit every stage (each ``afterok`` on the one before), then wait for each in order."""
