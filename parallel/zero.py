@@ -145,6 +145,45 @@ def init_deepspeed_distributed(backend: str | None = None) -> None:
     deepspeed.init_distributed(dist_backend=backend or dist.get_backend(), dist_init_required=False)
 
 
+# -- full weights out of an engine -------------------------------------------------------------
+
+
+def named_unique_params(model: torch.nn.Module) -> list[tuple[list[str], torch.nn.Parameter]]:
+    """Each parameter once, with every name it has (tied weights have several), in module order."""
+    by_id: dict[int, tuple[list[str], torch.nn.Parameter]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), ([], p))[0].append(name)
+    return list(by_id.values())
+
+
+def full_fp32_state_dict(
+    model: torch.nn.Module, stage0_masters: dict[int, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with every parameter full and in fp32, on the CPU, under any ZeRO
+    stage: the fp32 master where DeepSpeed keeps one (ZeRO-1/2/3, or ``stage0_masters`` of the
+    bf16 ZeRO-0 optimizer, keyed by ``id(param)``), else the (gathered) parameter itself (ZeRO-0
+    fp32, frozen parameters). A collective under ZeRO: every rank calls it, in the same order."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    masters = stage0_masters or {}
+    full: dict[str, torch.Tensor] = {}
+    for names, p in named_unique_params(model):
+        value = safe_get_full_fp32_param(p) if p.requires_grad else None
+        if value is None:
+            value = masters.get(id(p))
+        if value is None:
+            with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
+                value = p.detach().float().clone()
+        value = value.detach().cpu().clone()
+        for name in names:
+            full[name] = value
+    return {
+        key: full[key] if key in full else value.detach().cpu().clone()
+        for key, value in model.state_dict().items()
+    }
+
+
 # -- the optimizer state in the single-process layout ------------------------------------------
 #
 # "Canonical" = what ``torch.optim.AdamW(groups).state_dict()`` of the single-process

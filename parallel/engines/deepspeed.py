@@ -38,14 +38,16 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.runtime.zero.config import ZeroStageEnum
-from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+from deepspeed.utils import safe_set_full_fp32_param
 from torch import nn
 
 from parallel.config import ParallelConfig
 from parallel.zero import (
     build_deepspeed_config,
+    full_fp32_state_dict,
     gather_adamw_state,
     init_deepspeed_distributed,
+    named_unique_params,
     scatter_adamw_state,
 )
 from pretrain.data.loader import Batch
@@ -221,27 +223,10 @@ class DeepSpeedTrainModule:
         self.scheduler.load_state_dict(state["scheduler"])
 
     def _named_unique_params(self) -> list[tuple[list[str], nn.Parameter]]:
-        by_id: dict[int, tuple[list[str], nn.Parameter]] = {}
-        for name, p in self.model.named_parameters(remove_duplicate=False):
-            by_id.setdefault(id(p), ([], p))[0].append(name)
-        return list(by_id.values())
+        return named_unique_params(self.model)
 
     def _full_model_state(self) -> dict[str, torch.Tensor]:
-        full: dict[str, torch.Tensor] = {}
-        for names, p in self._named_unique_params():  # same order on every rank: collectives
-            value = safe_get_full_fp32_param(p)
-            if value is None:
-                value = self._stage0_masters.get(id(p))
-            if value is None:  # no fp32 master (ZeRO-0 fp32, or a frozen param)
-                with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
-                    value = p.detach().float().clone()
-            value = value.detach().cpu().clone()
-            for name in names:
-                full[name] = value
-        out = {}
-        for key, value in self.model.state_dict().items():
-            out[key] = full[key] if key in full else value.detach().cpu().clone()
-        return out
+        return full_fp32_state_dict(self.model, self._stage0_masters)
 
     def load_model_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Set the weights (and fp32 masters) from a full single-process ``model`` state dict, e.g.

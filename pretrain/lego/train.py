@@ -11,6 +11,11 @@ first time it becomes resident.
 Resuming is exact: batches and dropout/layerdrop randomness are pure functions of the seed and
 the global step, and the checkpoint holds the optimizer of the current phase. Each phase starts
 a fresh AdamW and warmup/cosine schedule.
+
+Under ``torchrun``/``srun`` with ``parallel.engine=deepspeed`` every process builds the same
+resident model and each phase runs data parallel under ZeRO 0-3 (:mod:`pretrain.lego.parallelize`);
+rank 0 writes partitions, checkpoints and metrics, in the single-process layout, so a run can
+resume under another number of processes or ZeRO stage.
 """
 
 from __future__ import annotations
@@ -22,14 +27,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from pydantic import Field, model_validator
 
 from checkpoints import Checkpointer, load_checkpoint
+from cluster.env import ProcessEnv
+from parallel.config import ParallelConfig
 from pretrain.config import Config
 from pretrain.lego.data import batch_indices, collate, load_pairs, read_meta
+from pretrain.lego.parallelize import PhaseStep, build_phase_step, check_lego_layout
 from pretrain.lego.stages import STAGE_FLOWS, set_trainable
 from pretrain.lego.store import SHARED_PARTS, PartitionStore, partition_name, state_of
-from pretrain.models.lego_mt import LegoMT, LegoMTConfig, flow_names
+from pretrain.models.lego_mt import LegoMT, LegoMTConfig
 from pretrain.tracking import TrackingConfig, default_artifact_location, flatten_params, resolve_tracking_uri
 from pretrain.trainer.train_module import cosine_with_warmup
 
@@ -88,6 +97,8 @@ class LegoRunConfig(Config):
     """Schedule and optimizer."""
     tracking: TrackingConfig = Field(default_factory=lambda: TrackingConfig(experiment="lego-mt"))
     """MLflow tracking (sqlite in the run directory by default)."""
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    """Data parallelism and ZeRO (``engine: deepspeed``), activation checkpointing; tp=pp=cp=1."""
 
 
 def phases(cfg: LegoRunConfig) -> list[tuple[int, str]]:
@@ -106,10 +117,10 @@ def _phase_steps(cfg: LegoRunConfig, stage: int) -> int:
 class _Tracker:
     """Minimal MLflow sink: one run per run directory, metrics sent in batches."""
 
-    def __init__(self, cfg: LegoRunConfig, run_dir: Path) -> None:
+    def __init__(self, cfg: LegoRunConfig, run_dir: Path, *, enabled: bool = True) -> None:
         self.client = None
         self.buffer: list[Any] = []
-        if not cfg.tracking.enabled:
+        if not (enabled and cfg.tracking.enabled):  # off, or not rank 0
             return
         import mlflow
         from mlflow.tracking import MlflowClient
@@ -157,12 +168,21 @@ class _Tracker:
 
 
 class LocalizedTrainer:
-    """Runs (or resumes) the phase schedule of ``cfg`` in ``run_dir``."""
+    """Runs (or resumes) the phase schedule of ``cfg`` in ``run_dir`` (every rank of a job)."""
 
     def __init__(self, cfg: LegoRunConfig, run_dir: Path) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
+        self.env = ProcessEnv.from_environ()
+        check_lego_layout(cfg.parallel, self.env.world_size)
         self.device = torch.device(cfg.train.device)
+        if cfg.parallel.engine == "deepspeed":
+            from parallel.apply import init_process_group
+
+            init_process_group(self.env)
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", self.env.local_rank)
+                torch.cuda.set_device(self.device)
         self.store = PartitionStore(self.run_dir / "parts")
         self.state_ckpt = Checkpointer(self.run_dir / "state", keep_last=2)
         self.meta = read_meta(Path(cfg.train.data_dir))
@@ -175,8 +195,12 @@ class LocalizedTrainer:
         self.phases = phases(cfg)
         self.results: dict[str, Any] = {"losses": {}, "resident": [], "peak_params": 0}
 
+    def _barrier(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()
+
     # ---- persistence ---------------------------------------------------------------
-    def _init_run(self) -> dict[str, Any]:
+    def _init_run(self) -> None:
         torch.manual_seed(self.cfg.train.seed)
         model = self.cfg.model.build(resident=[])
         parts = {"shared": 0}
@@ -187,13 +211,12 @@ class LocalizedTrainer:
             parts[partition_name("enc", g)] = 0
         state = {"phase": 0, "step_in_phase": 0, "global_step": 0, "partitions": parts}
         self.state_ckpt.save(0, {}, metadata=state)
-        return state
 
     def _load_state(self) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        latest = self.state_ckpt.latest()
-        if latest is None:
-            return self._init_run(), None
-        ckpt = load_checkpoint(latest)
+        if self.env.is_main and self.state_ckpt.latest() is None:
+            self._init_run()
+        self._barrier()
+        ckpt = load_checkpoint(self.state_ckpt.latest())
         return ckpt.metadata, ckpt.state.get("optimizer")
 
     def _build_resident(self, state: dict[str, Any], group: str) -> LegoMT:
@@ -210,26 +233,35 @@ class LocalizedTrainer:
         return model.to(self.device)
 
     def _save(
-        self, model: LegoMT, stage: int, group: str, state: dict[str, Any], optimizer: Any
+        self, step: PhaseStep, stage: int, group: str, state: dict[str, Any], *, with_optimizer: bool
     ) -> dict[str, Any]:
-        """Write the partitions this stage changes, then the state (the commit point)."""
-        step = state["global_step"]
+        """Write the partitions this stage changes, then the state (the commit point).
+
+        A collective under ZeRO (full weights and optimizer state are gathered on every rank);
+        rank 0 writes."""
+        model, at = step.model, state["global_step"]
         parts = dict(state["partitions"])
+        writes: list[tuple[str, dict[str, Any]]] = []
         if stage == 1:
-            self.store.save("shared", step, {p: state_of(getattr(model, p)) for p in SHARED_PARTS})
-            parts["shared"] = step
-            changed = [("enc", "encoder", model.enc_branches[group])]
+            writes.append(("shared", {p: step.module_state(getattr(model, p)) for p in SHARED_PARTS}))
+            writes.append(
+                (partition_name("enc", group), {"encoder": step.module_state(model.enc_branches[group])})
+            )
         else:
-            changed = [("dec", "decoder", model.dec_branches[group])]
-        for kind, key, module in changed:
-            name = partition_name(kind, group)
-            self.store.save(name, step, {key: state_of(module)})
-            parts[name] = step
+            writes.append(
+                (partition_name("dec", group), {"decoder": step.module_state(model.dec_branches[group])})
+            )
+        payload = {"optimizer": step.optimizer_state()} if with_optimizer else {}
+        for name, _ in writes:
+            parts[name] = at
         state = {**state, "partitions": parts}
         if state["step_in_phase"] >= _phase_steps(self.cfg, stage):  # phase done: next phase
             state = {**state, "phase": state["phase"] + 1, "step_in_phase": 0}
-        payload = {"optimizer": optimizer.state_dict()} if optimizer is not None else {}
-        self.state_ckpt.save(step, payload, metadata=state)
+        if self.env.is_main:
+            for name, tensors in writes:
+                self.store.save(name, at, tensors)
+            self.state_ckpt.save(at, payload, metadata=state)
+        self._barrier()
         return state
 
     # ---- loop ----------------------------------------------------------------------
@@ -238,7 +270,7 @@ class LocalizedTrainer:
         saving, as if killed). Returns ``{"losses": {step: loss}, "resident": [...], ...}``."""
         tcfg = self.cfg.train
         state, opt_state = self._load_state()
-        tracker = _Tracker(self.cfg, self.run_dir)
+        tracker = _Tracker(self.cfg, self.run_dir, enabled=self.env.is_main)
         try:
             while state["phase"] < len(self.phases):
                 stage, group = self.phases[state["phase"]]
@@ -248,10 +280,17 @@ class LocalizedTrainer:
                 self.results["peak_params"] = max(
                     self.results["peak_params"], sum(p.numel() for p in model.parameters())
                 )
-                params = set_trainable(model, stage, group)
-                opt = torch.optim.AdamW(params, lr=tcfg.lr, betas=(0.9, 0.98), weight_decay=tcfg.weight_decay)
+                step = build_phase_step(
+                    model,
+                    set_trainable(model, stage, group),
+                    parallel=self.cfg.parallel,
+                    weight_decay=tcfg.weight_decay,
+                    grad_clip=tcfg.grad_clip,
+                    batch_size=tcfg.batch_size,
+                    device=self.device,
+                )
                 if opt_state is not None and state["step_in_phase"] > 0:
-                    opt.load_state_dict(opt_state)
+                    step.load_optimizer_state(opt_state)
                 opt_state = None
                 pairs = load_pairs(Path(tcfg.data_dir), group, reverse=stage == 2)
                 total = _phase_steps(self.cfg, stage)
@@ -261,39 +300,32 @@ class LocalizedTrainer:
                         return self.results
                     k = state["step_in_phase"]
                     idx = batch_indices(len(pairs), tcfg.batch_size, k, tcfg.seed * 1000 + state["phase"])
-                    src, tgt_in, labels = (
-                        t.to(self.device) for t in collate([pairs[i] for i in idx], self.meta, tcfg.max_len)
-                    )
+                    batch = collate([pairs[i] for i in idx], self.meta, tcfg.max_len)
                     lr = tcfg.lr * cosine_with_warmup(
                         k, warmup=tcfg.warmup, total=total, min_ratio=tcfg.min_lr_ratio
                     )
-                    for pg in opt.param_groups:
-                        pg["lr"] = lr
                     torch.manual_seed(tcfg.seed * 1_000_003 + state["global_step"])
-                    opt.zero_grad(set_to_none=True)
-                    out = model(src, tgt_in, flows, group, labels=labels)
-                    out["loss"].backward()
-                    if tcfg.grad_clip > 0:
-                        torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
-                    opt.step()
+                    metrics = step.step(batch, flows=flows, group=group, lr=lr)
                     state = {**state, "step_in_phase": k + 1, "global_step": state["global_step"] + 1}
-                    loss = float(out["loss"].detach())
-                    self.results["losses"][state["global_step"]] = loss
-                    metrics = {"loss": loss, "lr": lr, "stage": stage, "phase": state["phase"]}
-                    metrics.update({f"loss_{n}": float(out[n]["loss"].detach()) for n in flow_names(flows)})
-                    metrics[f"loss_{group}"] = loss
+                    self.results["losses"][state["global_step"]] = metrics["loss"]
+                    metrics.update({"lr": lr, "stage": stage, "phase": state["phase"]})
+                    metrics[f"loss_{group}"] = metrics["loss"]
                     tracker.log(state["global_step"], metrics)
                     if (
                         state["step_in_phase"] < total
                         and state["global_step"] % tcfg.checkpoint_interval == 0
                     ):
-                        state = self._save(model, stage, group, state, opt)
+                        state = self._save(step, stage, group, state, with_optimizer=True)
                         tracker.flush()
-                state = self._save(model, stage, group, state, None)
-                del model, opt
+                state = self._save(step, stage, group, state, with_optimizer=False)
+                if hasattr(step, "close"):
+                    step.close()
+                del model, step
                 tracker.flush()
-            self.store.write_index(state["partitions"], self.cfg.model.to_dict())
-            (self.run_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
+            if self.env.is_main:
+                self.store.write_index(state["partitions"], self.cfg.model.to_dict())
+                (self.run_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
+            self._barrier()
         finally:
             tracker.finish()
         self.results["global_step"] = state["global_step"]

@@ -1,0 +1,282 @@
+"""How one Lego-MT phase steps: on one process, or data parallel under DeepSpeed ZeRO 0-3.
+
+The localized trainer builds the resident model (shared parts + one group's branches) and picks
+the trainable parameters of the stage; :func:`build_phase_step` then hands them to
+
+* :class:`LocalStep`: plain PyTorch AdamW in one process (``parallel.engine=native``);
+* :class:`DeepSpeedStep`: a DeepSpeed engine over all processes (``parallel.engine=deepspeed``,
+  ``parallel.zero_stage`` 0-3, optional CPU offload), the same machinery and the same
+  optimizer-state layout as the TransNormerLLM trainer's DeepSpeed engine
+  (:mod:`parallel.engines.deepspeed`, :mod:`parallel.zero`).
+
+**Loss normalisation.** The step's loss is the sum over the selected flows of each flow's mean
+next-token loss over the non-pad labels of the *global* batch. Every flow sees the same labels,
+so that is ``sum_flows(token_loss_sum) / N`` with ``N`` the global label count, which every rank
+knows from the global batch (no collective needed). Rank ``r`` of ``dp`` takes rows
+``[r*b/dp, (r+1)*b/dp)`` of the padded global batch and backpropagates its token-loss sum
+``/ N * dp``; DeepSpeed's gradient average over ranks cancels the ``* dp``, so gradients, clipping
+and updates equal the single-process step's.
+
+Both keep the optimizer state in one layout: ``torch.optim.AdamW([params]).state_dict()`` of the
+single process, so a phase checkpoint resumes under any engine, ZeRO stage and dp size. A layer
+that layerdrop skipped gets a zero gradient in every engine (DeepSpeed's flat gradient buffers
+hold zeros for it), so it still takes AdamW's momentum step, as it does under ZeRO.
+
+Tensor parallelism is not applied to Lego-MT blocks (``parallel.tp`` must be 1); ``parallel.
+activation_checkpointing`` recomputes every encoder/decoder layer (``full``) or only the
+feed-forward blocks, whose ReLU activations are the widest (``selective``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from parallel.activation_checkpoint import apply_activation_checkpointing
+from parallel.config import ParallelConfig
+from pretrain.config import ConfigError
+from pretrain.models.lego_mt import LegoMT, flow_names
+
+CHECKPOINTED_MODULES = {"full": ("EncoderLayer", "DecoderLayer"), "selective": ("FeedForward",)}
+"""Lego-MT module types recomputed in the backward per ``parallel.activation_checkpointing``."""
+
+ADAM_BETAS = (0.9, 0.98)
+"""AdamW betas of every phase (fairseq's translation default)."""
+
+
+def check_lego_layout(parallel: ParallelConfig, world_size: int) -> None:
+    """Refuse, before any work, a layout the Lego-MT trainer cannot run; say what to change."""
+    if parallel.model_parallel_size != 1:
+        raise ConfigError(
+            f"Lego-MT runs data parallel only (tp={parallel.tp}, pp={parallel.pp}, cp={parallel.cp}): "
+            "set parallel.tp=pp=cp=1 and scale with processes (parallel.engine=deepspeed)"
+        )
+    if parallel.engine == "megatron":
+        raise ConfigError(
+            "parallel.engine=megatron does not run Lego-MT: use native (1 process) or deepspeed"
+        )
+    if parallel.engine == "native" and (world_size > 1 or parallel.zero_stage or parallel.offload):
+        raise ConfigError(
+            f"parallel.engine=native runs one process without ZeRO (world size {world_size}, "
+            f"zero_stage={parallel.zero_stage}): set parallel.engine=deepspeed for data parallelism and ZeRO"
+        )
+
+
+def flow_token_losses(out: dict[str, Any], labels: Tensor, flows: int, pad_id: int) -> dict[str, Tensor]:
+    """``{flow: summed next-token loss over the non-pad labels}`` from the model's logits, in fp32."""
+    return {
+        name: F.cross_entropy(
+            out[name]["logits"].float().flatten(0, 1), labels.flatten(), ignore_index=pad_id, reduction="sum"
+        )
+        for name in flow_names(flows)
+    }
+
+
+class PhaseStep(Protocol):
+    """One phase's optimizer steps and the full (single-process layout) state they produce."""
+
+    model: LegoMT
+
+    def step(
+        self, batch: tuple[Tensor, Tensor, Tensor], *, flows: int, group: str, lr: float
+    ) -> dict[str, float]:
+        """One optimizer step on the global ``(src, tgt_in, labels)``; returns ``loss`` and
+        ``loss_<flow>`` (global means) as floats, identical on every rank."""
+        ...
+
+    def module_state(self, module: nn.Module) -> dict[str, Tensor]:
+        """``module.state_dict()`` with full fp32 tensors on the CPU (a collective under ZeRO)."""
+        ...
+
+    def optimizer_state(self) -> dict[str, Any]:
+        """The single-process AdamW ``state_dict`` (a collective under ZeRO)."""
+        ...
+
+    def load_optimizer_state(self, state: dict[str, Any]) -> None:
+        """Load what :meth:`optimizer_state` returned, under any engine/ZeRO stage/dp size."""
+        ...
+
+
+def _global_tokens(labels: Tensor, pad_id: int) -> int:
+    return max(int((labels != pad_id).sum()), 1)
+
+
+class LocalStep:
+    """AdamW on the trainable parameters, one process."""
+
+    def __init__(
+        self, model: LegoMT, params: list[nn.Parameter], *, weight_decay: float, grad_clip: float
+    ) -> None:
+        self.model = model
+        self.params = params
+        self.grad_clip = grad_clip
+        self.optimizer = torch.optim.AdamW(params, lr=0.0, betas=ADAM_BETAS, weight_decay=weight_decay)
+
+    def step(
+        self, batch: tuple[Tensor, Tensor, Tensor], *, flows: int, group: str, lr: float
+    ) -> dict[str, float]:
+        device = self.model.embed.tokens.weight.device
+        src, tgt_in, labels = (t.to(device) for t in batch)
+        for pg in self.optimizer.param_groups:
+            pg["lr"] = lr
+        n = _global_tokens(labels, self.model.cfg.pad_id)
+        self.optimizer.zero_grad(set_to_none=True)
+        sums = flow_token_losses(self.model(src, tgt_in, flows, group), labels, flows, self.model.cfg.pad_id)
+        loss = sum(sums.values()) / n
+        loss.backward()
+        for p in self.params:  # layerdrop-skipped layers: zeros, as in DeepSpeed's flat buffers
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        self.optimizer.step()
+        metrics = {f"loss_{k}": float(v.detach()) / n for k, v in sums.items()}
+        metrics["loss"] = float(loss.detach())
+        return metrics
+
+    def module_state(self, module: nn.Module) -> dict[str, Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+    def optimizer_state(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_optimizer_state(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state)
+
+
+class DeepSpeedStep:
+    """The resident model inside a DeepSpeed engine; the optimizer holds only ``params``.
+
+    Under ZeRO-3 the tied output projection reads the embedding matrix outside the embedding's
+    own ``forward``, so it is registered as an external parameter of the whole model (gathered
+    for the model's forward and backward).
+    """
+
+    def __init__(
+        self,
+        model: LegoMT,
+        params: list[nn.Parameter],
+        *,
+        parallel: ParallelConfig,
+        weight_decay: float,
+        grad_clip: float,
+        batch_size: int,
+        device: torch.device,
+    ) -> None:
+        import deepspeed
+
+        from parallel.zero import build_deepspeed_config, init_deepspeed_distributed
+        from pretrain.trainer.config import TrainConfig
+
+        init_deepspeed_distributed()
+        self.dp_size = dist.get_world_size()
+        self.dp_rank = dist.get_rank()
+        if batch_size % self.dp_size:
+            raise ConfigError(
+                f"train.batch_size={batch_size} must be divisible by the {self.dp_size} data-parallel processes"
+            )
+        self.rows = batch_size // self.dp_size
+        self.zero_stage = parallel.zero_stage
+        self.device = device
+        adamw = TrainConfig(
+            lr=1.0, betas=ADAM_BETAS, weight_decay=weight_decay, grad_clip=grad_clip, precision="fp32"
+        )
+        ds_config = build_deepspeed_config(
+            adamw, parallel, dp_size=self.dp_size, micro_batch_size=self.rows, grad_accum=1, device=device
+        )
+        if self.zero_stage == 3:
+            deepspeed.zero.register_external_parameter(model, model.embed.tokens.weight)
+        self.params = params
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model.to(device),
+            model_parameters=[{"params": params, "weight_decay": weight_decay}],
+            config=ds_config,
+            dist_init_required=False,
+        )
+        self.model: LegoMT = self.engine.module
+
+    def step(
+        self, batch: tuple[Tensor, Tensor, Tensor], *, flows: int, group: str, lr: float
+    ) -> dict[str, float]:
+        from parallel.zero import base_optimizer
+
+        for pg in base_optimizer(self.optimizer).param_groups:
+            pg["lr"] = lr
+        pad = self.model.cfg.pad_id
+        n = _global_tokens(batch[2], pad)
+        rows = slice(self.dp_rank * self.rows, (self.dp_rank + 1) * self.rows)
+        src, tgt_in, labels = (t[rows].to(self.device) for t in batch)
+        self.engine.train()
+        if self.zero_stage == 3:
+            self._clear_stale_grad_partitions()
+        sums = flow_token_losses(self.engine(src, tgt_in, flows, group), labels, flows, pad)
+        local = sum(sums.values())
+        self.engine.backward(local / n * self.dp_size, scale_wrt_gas=False)
+        self.engine.step()
+        reduced = torch.stack([local.detach(), *(v.detach() for v in sums.values())]).cpu()
+        dist.all_reduce(reduced)
+        metrics = {f"loss_{k}": float(v) / n for k, v in zip(sums, reduced[1:].tolist())}
+        metrics["loss"] = float(reduced[0]) / n
+        return metrics
+
+    def _clear_stale_grad_partitions(self) -> None:
+        """ZeRO-3 writes a parameter's gradient partition only when the parameter took part in the
+        backward, so a layer that layerdrop skipped would step on its previous step's gradient.
+        Zero the flat buffer first: a skipped layer then sees a zero gradient, as in ZeRO-0/1/2."""
+        flat = getattr(self.optimizer, "grad_partitions_flat_buffer", None)
+        if flat is not None:
+            flat.zero_()
+
+    def module_state(self, module: nn.Module) -> dict[str, Tensor]:
+        from parallel.zero import full_fp32_state_dict
+
+        return full_fp32_state_dict(module)
+
+    def optimizer_state(self) -> dict[str, Any]:
+        from parallel.zero import gather_adamw_state
+
+        return gather_adamw_state(self.optimizer, [self.params], self.zero_stage)
+
+    def load_optimizer_state(self, state: dict[str, Any]) -> None:
+        from parallel.zero import scatter_adamw_state
+
+        scatter_adamw_state(self.optimizer, [self.params], self.zero_stage, state)
+        steps = max((int(float(s["step"])) for s in state["state"].values()), default=0)
+        self.engine.global_steps = steps
+        self.engine.global_samples = steps * self.engine.train_batch_size()
+        self.engine.micro_steps = steps
+
+    def close(self) -> None:
+        """Free the engine's partitions before the next phase builds its own."""
+        self.engine.destroy()
+
+
+def build_phase_step(
+    model: LegoMT,
+    params: list[nn.Parameter],
+    *,
+    parallel: ParallelConfig,
+    weight_decay: float,
+    grad_clip: float,
+    batch_size: int,
+    device: torch.device,
+) -> PhaseStep:
+    """Apply activation checkpointing, then the configured engine, to one phase's model."""
+    mode = parallel.activation_checkpointing
+    if mode != "none":
+        apply_activation_checkpointing(model, "selective", selective_modules=CHECKPOINTED_MODULES[mode])
+    if parallel.engine == "deepspeed":
+        return DeepSpeedStep(
+            model,
+            params,
+            parallel=parallel,
+            weight_decay=weight_decay,
+            grad_clip=grad_clip,
+            batch_size=batch_size,
+            device=device,
+        )
+    return LocalStep(model, params, weight_decay=weight_decay, grad_clip=grad_clip)
