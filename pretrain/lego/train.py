@@ -78,6 +78,11 @@ class LegoTrainConfig(Config):
     """Save a resumable checkpoint every this many global steps (and at every phase end)."""
     device: str = "cpu"
     """Torch device."""
+    init_from: str | None = None
+    """A multilingual model to start from: a flow directory (``lego detach``, or a ``lego baseline``
+    run). Its embedding, encoder and decoder initialise the shared embedding, the main encoder and
+    the m2m decoder, and through them every branch (the paper starts all branches from one
+    multilingual model). It must have this run's shape and tokenizer. ``None``: random init."""
 
     @model_validator(mode="after")
     def _check(self) -> LegoTrainConfig:
@@ -203,6 +208,8 @@ class LocalizedTrainer:
     def _init_run(self) -> None:
         torch.manual_seed(self.cfg.train.seed)
         model = self.cfg.model.build(resident=[])
+        if self.cfg.train.init_from:
+            self._load_multilingual(model, Path(self.cfg.train.init_from))
         parts = {"shared": 0}
         self.store.save("shared", 0, {p: state_of(getattr(model, p)) for p in SHARED_PARTS})
         main = state_of(model.main)
@@ -211,6 +218,27 @@ class LocalizedTrainer:
             parts[partition_name("enc", g)] = 0
         state = {"phase": 0, "step_in_phase": 0, "global_step": 0, "partitions": parts}
         self.state_ckpt.save(0, {}, metadata=state)
+
+    def _load_multilingual(self, model: LegoMT, path: Path) -> None:
+        from pretrain.lego.detach import load_flow
+
+        flow, meta = load_flow(path)
+        shape = ("vocab_size", "d_model", "n_heads", "ffn_dim", "encoder_layers", "decoder_layers", "pad_id")
+        theirs, ours = flow.cfg.model_dump(include=set(shape)), self.cfg.model.model_dump(include=set(shape))
+        if theirs != ours:
+            diff = {k: (theirs[k], ours[k]) for k in shape if theirs[k] != ours[k]}
+            raise ValueError(f"train.init_from={path}: model shape differs (theirs, ours): {diff}")
+        if meta.get("lang_tags") != self.meta.get("lang_tags") or meta.get("eos_id") != self.meta.get(
+            "eos_id"
+        ):
+            raise ValueError(
+                f"train.init_from={path}: its tokenizer's language tags/eos differ from "
+                f"{self.cfg.train.data_dir}/meta.json; prepare the data with the model's tokenizer"
+            )
+        model.embed.load_state_dict(flow.embed.state_dict())
+        model.main.load_state_dict(flow.encoder.state_dict())
+        model.m2m.load_state_dict(flow.decoder.state_dict())
+        logger.info("initialised shared parts and every branch from %s", path)
 
     def _load_state(self) -> tuple[dict[str, Any], dict[str, Any] | None]:
         if self.env.is_main and self.state_ckpt.latest() is None:

@@ -1,3 +1,6 @@
+import json
+
+import pytest
 import torch
 
 from checkpoints import load_checkpoint
@@ -81,3 +84,34 @@ def test_state_checkpoint_is_loadable(full_run):
     run_dir, _ = full_run
     ckpt = load_checkpoint(run_dir / "state" / "step_00000021")
     assert ckpt.metadata["phase"] == 6
+
+
+def test_init_from_a_multilingual_model(full_run, synthetic_pairs, tmp_path):
+    """Every branch starts from the given model: shared parts = its embedding/encoder/decoder,
+    every encoder branch = its encoder; a model of another shape is refused by name."""
+    from pretrain.lego.detach import detach_from_run, save_flow
+
+    flow = detach_from_run(full_run[0], encoder="de", decoder="fr")
+    meta = json.loads((synthetic_pairs / "meta.json").read_text())
+    save_flow(flow, tmp_path / "flow", meta=meta)
+    cfg = _cfg(synthetic_pairs, init_from=str(tmp_path / "flow"))
+    train(cfg, tmp_path / "run", stop_after=0)
+    parts = _partitions_at_start(tmp_path / "run")
+    for key, value in flow.encoder.state_dict().items():
+        assert torch.equal(parts["shared"]["main"][key], value)
+        for g in ("en", "de", "fr"):
+            assert torch.equal(parts[f"enc_{g}"]["encoder"][key], value)
+    for key, value in flow.decoder.state_dict().items():
+        assert torch.equal(parts["shared"]["m2m"][key], value)
+    assert torch.equal(parts["shared"]["embed"]["tokens.weight"], flow.embed.tokens.weight)
+
+    wide = _cfg(synthetic_pairs, init_from=str(tmp_path / "flow"))
+    wide = wide.model_copy(update={"model": wide.model.model_copy(update={"ffn_dim": 128})})
+    with pytest.raises(ValueError, match="ffn_dim"):
+        train(wide, tmp_path / "wide", stop_after=0)
+
+
+def _partitions_at_start(run_dir):
+    store = PartitionStore(run_dir / "parts")
+    names = [p.name for p in (run_dir / "parts").iterdir()]
+    return {name: store.load(name, 0) for name in names}
