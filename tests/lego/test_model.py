@@ -161,4 +161,8 @@ def test_yaml_presets_load():
     per = big.model.num_params_per_part()
     assert round((per["embed"] + per["encoder"] + per["decoder"]) / 1e9, 2) == 1.24
     assert big.model.layerdrop == 0.05 and len(big.model.groups) == 7
+    from pretrain.lego.parallelize import check_lego_layout
+
+    assert big.parallel.engine == "deepspeed" and big.parallel.zero_stage == 2
+    check_lego_layout(big.parallel, world_size=8)  # a layout the Lego trainer runs
     assert LegoRunConfig.from_yaml("configs/lego-mt-tiny.yaml").model.d_model == 128
