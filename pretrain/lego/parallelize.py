@@ -109,11 +109,18 @@ class LocalStep:
     """AdamW on the trainable parameters, one process."""
 
     def __init__(
-        self, model: LegoMT, params: list[nn.Parameter], *, weight_decay: float, grad_clip: float
+        self,
+        model: LegoMT,
+        params: list[nn.Parameter],
+        *,
+        weight_decay: float,
+        grad_clip: float,
+        precision: str = "fp32",
     ) -> None:
         self.model = model
         self.params = params
         self.grad_clip = grad_clip
+        self.bf16 = precision == "bf16"  # autocast; weights, gradients and AdamW stay fp32
         self.optimizer = torch.optim.AdamW(params, lr=0.0, betas=ADAM_BETAS, weight_decay=weight_decay)
 
     def step(
@@ -125,7 +132,9 @@ class LocalStep:
             pg["lr"] = lr
         n = _global_tokens(labels, self.model.cfg.pad_id)
         self.optimizer.zero_grad(set_to_none=True)
-        sums = flow_token_losses(self.model(src, tgt_in, flows, group), labels, flows, self.model.cfg.pad_id)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            out = self.model(src, tgt_in, flows, group)
+        sums = flow_token_losses(out, labels, flows, self.model.cfg.pad_id)
         loss = sum(sums.values()) / n
         loss.backward()
         for p in self.params:  # layerdrop-skipped layers: zeros, as in DeepSpeed's flat buffers
@@ -151,6 +160,8 @@ class LocalStep:
 class DeepSpeedStep:
     """The resident model inside a DeepSpeed engine; the optimizer holds only ``params``.
 
+    In bf16 DeepSpeed computes with bf16 weights against fp32 masters (those are what is saved).
+
     Under ZeRO-3 the tied output projection reads the embedding matrix outside the embedding's
     own ``forward``, so it is registered as an external parameter of the whole model (gathered
     for the model's forward and backward).
@@ -166,6 +177,7 @@ class DeepSpeedStep:
         grad_clip: float,
         batch_size: int,
         device: torch.device,
+        precision: str = "fp32",
     ) -> None:
         import deepspeed
 
@@ -183,7 +195,7 @@ class DeepSpeedStep:
         self.zero_stage = parallel.zero_stage
         self.device = device
         adamw = TrainConfig(
-            lr=1.0, betas=ADAM_BETAS, weight_decay=weight_decay, grad_clip=grad_clip, precision="fp32"
+            lr=1.0, betas=ADAM_BETAS, weight_decay=weight_decay, grad_clip=grad_clip, precision=precision
         )
         ds_config = build_deepspeed_config(
             adamw, parallel, dp_size=self.dp_size, micro_batch_size=self.rows, grad_accum=1, device=device
@@ -198,6 +210,11 @@ class DeepSpeedStep:
             dist_init_required=False,
         )
         self.model: LegoMT = self.engine.module
+        # ZeRO-0 in bf16 keeps the fp32 masters in DeepSpeed's unfused optimizer.
+        self._stage0_masters: dict[int, Tensor] = {}
+        if self.zero_stage == 0 and hasattr(self.optimizer, "fp32_groups"):
+            for low, high in zip(self.optimizer.fp16_groups, self.optimizer.fp32_groups, strict=True):
+                self._stage0_masters.update({id(p): m for p, m in zip(low, high, strict=True)})
 
     def step(
         self, batch: tuple[Tensor, Tensor, Tensor], *, flows: int, group: str, lr: float
@@ -234,7 +251,7 @@ class DeepSpeedStep:
     def module_state(self, module: nn.Module) -> dict[str, Tensor]:
         from parallel.zero import full_fp32_state_dict
 
-        return full_fp32_state_dict(module)
+        return full_fp32_state_dict(module, self._stage0_masters)
 
     def optimizer_state(self) -> dict[str, Any]:
         from parallel.zero import gather_adamw_state
@@ -264,6 +281,7 @@ def build_phase_step(
     grad_clip: float,
     batch_size: int,
     device: torch.device,
+    precision: str = "fp32",
 ) -> PhaseStep:
     """Apply activation checkpointing, then the configured engine, to one phase's model."""
     mode = parallel.activation_checkpointing
@@ -278,5 +296,6 @@ def build_phase_step(
             grad_clip=grad_clip,
             batch_size=batch_size,
             device=device,
+            precision=precision,
         )
-    return LocalStep(model, params, weight_decay=weight_decay, grad_clip=grad_clip)
+    return LocalStep(model, params, weight_decay=weight_decay, grad_clip=grad_clip, precision=precision)

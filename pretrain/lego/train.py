@@ -24,7 +24,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -78,6 +78,9 @@ class LegoTrainConfig(Config):
     """Save a resumable checkpoint every this many global steps (and at every phase end)."""
     device: str = "cpu"
     """Torch device."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Compute precision: ``bf16`` autocasts (one process) or runs DeepSpeed's bf16 weights
+    against fp32 masters; saved partitions and optimizer state are fp32 either way."""
     init_from: str | None = None
     """A multilingual model to start from: a flow directory (``lego detach``, or a ``lego baseline``
     run). Its embedding, encoder and decoder initialise the shared embedding, the main encoder and
@@ -316,6 +319,7 @@ class LocalizedTrainer:
                     grad_clip=tcfg.grad_clip,
                     batch_size=tcfg.batch_size,
                     device=self.device,
+                    precision=tcfg.precision,
                 )
                 if opt_state is not None and state["step_in_phase"] > 0:
                     step.load_optimizer_state(opt_state)

@@ -102,3 +102,28 @@ def test_layouts_lego_cannot_run_are_refused(synthetic_pairs, tmp_path):
         data["parallel"] = parallel
         with pytest.raises(ConfigError, match=words):
             train(LegoRunConfig.from_dict(data), tmp_path)
+
+
+def test_bf16_follows_the_fp32_curve(single, synthetic_pairs, tmp_path):
+    """bf16 (autocast on one process; bf16 weights on fp32 masters under ZeRO-2 at dp=2) keeps
+    the fp32 losses to 2% at every step and saves fp32 partitions."""
+    _, ref = single
+
+    def check(losses: dict[int, float]) -> None:
+        assert sorted(losses) == sorted(ref)
+        for step, value in ref.items():
+            assert abs(losses[step] - value) <= 0.02 * value, (step, losses[step], value)
+
+    data = _config(synthetic_pairs).to_dict()
+    data["train"]["precision"] = "bf16"
+    check(train(LegoRunConfig.from_dict(data), tmp_path / "local")["losses"])
+    check(run_distributed(_bf16_worker, 2, synthetic_pairs, tmp_path / "dp")[0]["losses"])
+    for tensors in _partitions(tmp_path / "dp")["shared"].values():
+        assert all(v.dtype == torch.float32 for v in tensors.values())
+
+
+def _bf16_worker(rank: int, world: int, data_dir, run_dir) -> dict:
+    torch.set_num_threads(1)
+    data = _config(data_dir, zero_stage=2).to_dict()
+    data["train"]["precision"] = "bf16"
+    return {"losses": train(LegoRunConfig.from_dict(data), run_dir)["losses"]}

@@ -139,7 +139,8 @@ class SharedEmbedding(nn.Module):
 
     def forward(self, ids: Tensor, offset: int = 0) -> Tensor:
         n = ids.shape[1]
-        return self.drop(self.tokens(ids) * self.scale + self.positions[offset : offset + n])
+        x = self.tokens(ids) * self.scale
+        return self.drop(x + self.positions[offset : offset + n].to(x.dtype))  # engines may cast params only
 
     def logits(self, hidden: Tensor) -> Tensor:
         return hidden @ self.tokens.weight.t()
