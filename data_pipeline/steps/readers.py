@@ -48,6 +48,17 @@ def _is_binary(text: str, max_control_frac: float) -> bool:
     return controls > max_control_frac * max(len(text), 1)
 
 
+def decode_line(line: bytes) -> tuple[str | None, str, str]:
+    """``(text, "", "")`` for a UTF-8 line without NUL bytes, else ``(None, reason, detail)`` with
+    reason ``binary_content`` or ``invalid_utf8`` (shared by every line-based reader)."""
+    if b"\x00" in line:
+        return None, "binary_content", "NUL byte in the raw line"
+    try:
+        return line.decode("utf-8"), "", ""
+    except UnicodeDecodeError as exc:
+        return None, "invalid_utf8", str(exc)
+
+
 class QuarantiningReader(PipelineStep):
     """Read JSONL (plain, gzip or zstd), Parquet and plain-text files; quarantine, never raise on,
     bad records.
@@ -140,12 +151,9 @@ class QuarantiningReader(PipelineStep):
 
     def _parse(self, line: bytes) -> tuple[dict[str, Any] | None, str, str]:
         """``(record, reason, detail)``: ``record`` is None when the line must be quarantined."""
-        if b"\x00" in line:
-            return None, "binary_content", "NUL byte in the raw line"
-        try:
-            decoded = line.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            return None, "invalid_utf8", str(exc)
+        decoded, reason, detail = decode_line(line)
+        if decoded is None:
+            return None, reason, detail
         try:
             record = json.loads(decoded)
         except (ValueError, RecursionError) as exc:
