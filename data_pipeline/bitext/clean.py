@@ -31,7 +31,8 @@ class CleanConfig(Config):
 
 def normalize(text: str) -> str:
     """Drop control characters and accelerators, collapse whitespace; keeps newlines detectable by ``clean_pair``."""
-    text = "".join(c for c in text if c in "\n\t" or unicodedata.category(c)[0] != "C")
+    if not text.isprintable():  # (the per-character scan is the slow part; most text skips it)
+        text = "".join(c for c in text if c in "\n\t" or unicodedata.category(c)[0] != "C")
     text = _MNEMONIC.sub("", text.strip())
     return "\n".join(_SPACE.sub(" ", line).strip() for line in text.splitlines() if line.strip())
 
