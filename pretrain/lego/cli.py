@@ -28,10 +28,28 @@ def add_lego_commands(subparsers: Any) -> argparse.ArgumentParser:
     lego.set_defaults(handler=cmd_lego)
     sub = lego.add_subparsers(dest="lego_command", required=True, metavar="SUBCOMMAND")
 
-    p = sub.add_parser("data", help="bitext from gettext catalogs -> groups, tokenizer, tokenized pairs")
+    p = sub.add_parser(
+        "data", help="bitext (gettext catalogs or TSV/JSONL) -> groups, tokenizer, tokenized pairs"
+    )
     p.add_argument("out_dir", type=Path)
-    p.add_argument("--langs", nargs="+", default=["en", "de", "fr", "es", "it", "pt"])
+    p.add_argument(
+        "--input",
+        dest="inputs",
+        action="append",
+        default=[],
+        metavar="[SRC-TGT:]PATH",
+        help="pair file, repeatable: *.tsv (src<TAB>tgt; languages from SRC-TGT or an 'en<TAB>de' "
+        "header) or *.jsonl ({src_lang,tgt_lang,src,tgt} or {translation:{en,de}}), .gz/.zst ok",
+    )
+    p.add_argument("--gettext", action="store_true", help="also read the gettext catalogs with --input")
+    p.add_argument(
+        "--langs", nargs="+", default=None, help="default: en de fr es it pt, or the languages of --input"
+    )
     p.add_argument("--locale-root", default="/usr/share/locale")
+    p.add_argument("--no-lang-check", action="store_true", help="keep pairs whatever language ID says")
+    p.add_argument(
+        "--lang-check-threshold", type=float, default=None, help="drop at this confidence (default 0.9)"
+    )
     p.add_argument("--vocab-size", type=int, default=8000)
     p.add_argument("--max-pairs", type=int, default=None, help="cap on training pairs per direction")
     p.add_argument("--heldout-fraction", type=float, default=0.02)
@@ -77,16 +95,27 @@ def _meta_for(run_dir: Path) -> dict[str, Any]:
 def cmd_lego(args: argparse.Namespace) -> int:
     cmd = args.lego_command
     if cmd == "data":
-        from data_pipeline.bitext import BitextConfig, prepare
+        from data_pipeline.bitext import BitextConfig, parse_input_spec, prepare
+        from data_pipeline.bitext.pipeline import input_langs
 
+        inputs = [parse_input_spec(spec) for spec in args.inputs]
+        langs = args.langs or (input_langs(inputs) if inputs else BitextConfig().langs)
+        check: dict[str, Any] = {"enabled": not args.no_lang_check}
+        if args.lang_check_threshold is not None:
+            check["threshold"] = args.lang_check_threshold
         cfg = BitextConfig(
-            langs=args.langs,
+            langs=langs,
+            inputs=inputs,
+            gettext=True if args.gettext else None,
             locale_root=args.locale_root,
+            language_check=check,
             vocab_size=args.vocab_size,
             max_pairs_per_direction=args.max_pairs,
             heldout_fraction=args.heldout_fraction,
         )
-        print(json.dumps(prepare(cfg, args.out_dir), indent=1))
+        stats = prepare(cfg, args.out_dir)
+        print(json.dumps({k: v for k, v in stats.items() if k != "steps"}, indent=1))
+        print(f"per-step counts: {args.out_dir / 'stats.json'}; bad lines: {args.out_dir / 'quarantine'}")
         print(
             f"training data: {args.out_dir / 'tok'} (train.data_dir); held out: {args.out_dir / 'heldout.jsonl'}"
         )
