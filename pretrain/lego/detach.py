@@ -65,8 +65,20 @@ def detach_from_run(run_dir: Path, *, encoder: str, decoder: str) -> LegoFlow:
     return flow.eval()
 
 
-def save_flow(flow: LegoFlow, out_dir: Path, *, meta: dict[str, Any], tokenizer: Path | None = None) -> Path:
-    """Save a detached flow as ``out_dir/step_00000000`` (+ ``latest``); returns that directory."""
+def save_flow(
+    flow: LegoFlow,
+    out_dir: Path,
+    *,
+    meta: dict[str, Any],
+    tokenizer: Path | None = None,
+    source: Path | None = None,
+) -> Path:
+    """Save a detached flow as ``out_dir/step_00000000`` (+ ``latest``); returns that directory.
+
+    ``meta["groups"]`` (group -> languages) is kept so translation can say when a branch is used
+    outside its languages; ``source`` (the run it came from) is where its evaluations are
+    tracked by default.
+    """
     files = {"spm.model": Path(tokenizer)} if tokenizer else None
     metadata = {
         "model": flow.cfg.to_dict(),
@@ -75,6 +87,10 @@ def save_flow(flow: LegoFlow, out_dir: Path, *, meta: dict[str, Any], tokenizer:
         "lang_tags": meta["lang_tags"],
         "eos_id": meta["eos_id"],
     }
+    if meta.get("groups"):
+        metadata["groups"] = meta["groups"]
+    if source is not None:
+        metadata["run_dir"] = str(Path(source).resolve())
     out_dir = Path(out_dir)
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -84,8 +100,13 @@ def save_flow(flow: LegoFlow, out_dir: Path, *, meta: dict[str, Any], tokenizer:
 
 
 def load_flow(path: Path) -> tuple[LegoFlow, dict[str, Any]]:
-    """A flow saved by :func:`save_flow` (``path`` = its directory or the checkpoint inside)."""
+    """A flow saved by :func:`save_flow` (``path`` = its directory, the checkpoint inside, or a
+    baseline run directory holding ``flow/``)."""
     path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such flow directory (write one with `pretrain lego-mt detach`)")
+    if (path / "flow").is_dir() and not (path / "manifest.json").is_file():
+        path = path / "flow"
     ckpt_dir = Checkpointer(path).latest() if not (path / "manifest.json").is_file() else path
     if ckpt_dir is None:
         raise FileNotFoundError(f"{path}: no detached flow")

@@ -7,7 +7,16 @@ from data_pipeline.bitext import BitextConfig, prepare
 from data_pipeline.tokenizer import SentencePieceTokenizer
 from pretrain.lego.detach import detach_from_run, load_flow, save_flow
 from pretrain.lego.store import SHARED_PARTS, PartitionStore
-from pretrain.lego.translate import _src_tensor, beam_search, evaluate, greedy, translate_texts
+from pretrain.lego.translate import (
+    _src_tensor,
+    beam_search,
+    check_languages,
+    evaluate,
+    greedy,
+    read_heldout,
+    translate_ids,
+    translate_texts,
+)
 from pretrain.models.lego_mt import LegoMTConfig, detach
 from pretrain.models.lego_mt.config import tiny
 
@@ -99,3 +108,65 @@ def test_translate_and_evaluate_per_direction(bitext):
     assert set(scores) == {"en-de", "en-fr", "de-en", "de-fr", "fr-en", "fr-de"}
     for s in scores.values():
         assert 0 <= s["bleu"] <= 100 and 0 <= s["chrf"] <= 100 and 1 <= s["n"] <= 3
+
+
+def test_read_heldout_spreads_the_limit_and_refuses_missing_directions(tmp_path):
+    path = tmp_path / "heldout.jsonl"
+    rows = [("en", "de", i) for i in range(10)] + [("de", "en", i) for i in range(3)]
+    path.write_text(
+        "".join(
+            json.dumps({"src_lang": a, "tgt_lang": b, "src": f"s{i}", "tgt": f"t{i}"}) + "\n"
+            for a, b, i in rows
+        )
+    )
+    got = read_heldout(path, limit=4)
+    assert list(got) == ["de-en", "en-de"]
+    assert [r["src"] for r in got["en-de"]] == ["s0", "s2", "s5", "s7"]  # evenly spaced, not the first 4
+    assert len(got["de-en"]) == 3
+    with pytest.raises(ValueError, match="no pairs for \\['en-fr'\\]"):
+        read_heldout(path, directions=["en-de", "en-fr"])
+    with pytest.raises(FileNotFoundError, match="no held-out pairs"):
+        read_heldout(tmp_path / "missing.jsonl")
+
+
+def test_check_languages_refuses_unknown_and_notes_branches_outside_their_group():
+    meta = {
+        "lang_tags": {"en": 4, "de": 5},
+        "groups": {"en": ["en"], "de": ["de"]},
+        "encoder": "de",
+        "decoder": "m2m",
+    }
+    assert check_languages(meta, src_lang="de", tgt_lang="en") == []
+    assert check_languages(meta, src_lang="en", tgt_lang="de") == [
+        "the encoder branch 'de' was trained on ['de'], not on 'en'"
+    ]
+    with pytest.raises(ValueError, match="unknown source language 'xx'; this flow knows \\['de', 'en'\\]"):
+        check_languages(meta, src_lang="xx", tgt_lang="en")
+    with pytest.raises(ValueError, match="unknown target language 'fr'"):
+        check_languages(meta, src_lang=None, tgt_lang="fr")
+
+
+class _NoEos(torch.nn.Module):
+    """A flow that always predicts token 7: decoding ends only at the length budget."""
+
+    def __init__(self):
+        super().__init__()
+        self.cfg = tiny(["en"])
+
+    def encode(self, src):
+        return torch.zeros(src.shape[0], src.shape[1], 4)
+
+    def decode(self, memory, src, ys):
+        return torch.nn.functional.one_hot(torch.full_like(ys, 7), 16).float()
+
+
+@pytest.mark.parametrize("beam", [1, 2])
+def test_outputs_stop_at_the_source_length_budget_in_input_order(beam):
+    rows = [[10] * 5, [11], [12] * 40]
+    out = translate_ids(_NoEos(), rows, tgt_tag=5, eos=3, beam=beam, max_len=64)
+    assert [len(r) for r in out] == [2 * 6 + 10, 2 * 2 + 10, 64]  # len_a * (tokens + eos) + len_b, capped
+
+
+def test_load_flow_names_a_missing_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such flow directory"):
+        load_flow(tmp_path / "nope")
