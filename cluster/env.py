@@ -31,3 +31,13 @@ class ProcessEnv:
                 int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]), job
             )
         return cls(slurm_job_id=job)
+
+
+def relaunch_local(nproc: int, module_args: list[str]) -> int:
+    """Run ``python -m <module_args>`` as ``nproc`` local ranks under ``torch.distributed.run``
+    (standalone rendezvous) and return its exit code; the ranks read RANK/WORLD_SIZE from it."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m"]
+    return subprocess.call(cmd + module_args)

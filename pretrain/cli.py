@@ -147,23 +147,13 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
 
 def _launch_local(args: argparse.Namespace) -> int:
     """Re-run this command under ``torch.distributed.run`` with N processes on this node."""
-    import subprocess
+    from cluster.env import relaunch_local
 
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={args.nproc_per_node}",
-        "-m",
-        "pretrain.cli",
-        "train",
-        str(args.config),
-    ]
+    cmd = ["pretrain.cli", "train", str(args.config)]
     cmd += [x for s in args.overrides for x in ("--set", s)]
     if args.no_progress:
         cmd.append("--no-progress")
-    return subprocess.call(cmd)
+    return relaunch_local(args.nproc_per_node, cmd)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

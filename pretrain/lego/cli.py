@@ -2,7 +2,7 @@
 ``pretrain``'s parser by :func:`add_lego_commands`::
 
     pretrain lego-mt data OUT_DIR [--langs en de fr] [--vocab-size N] [--max-pairs N]
-    pretrain lego-mt train CONFIG --run-dir DIR [--set KEY=VALUE ...]
+    pretrain lego-mt train CONFIG --run-dir DIR [--set KEY=VALUE ...] [--nproc-per-node N]
     pretrain lego-mt baseline CONFIG --run-dir DIR [--set KEY=VALUE ...]
     pretrain lego-mt detach RUN_DIR --encoder main|GROUP --decoder m2m|GROUP --out DIR
     pretrain lego-mt translate FLOW_DIR --src-lang en --tgt-lang de [--input FILE] [--beam N]
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,12 @@ def add_lego_commands(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("config", type=Path, help="e.g. configs/lego-mt-tiny.yaml")
     p.add_argument("--run-dir", type=Path, required=True)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=1,
+        help="start N local data-parallel ranks (needs parallel.engine=deepspeed); under torchrun or srun leave it at 1",
+    )
 
     p = sub.add_parser(
         "baseline",
@@ -214,8 +221,15 @@ def _guarded(handler: Any, args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from pretrain.lego.train import LegoRunConfig, train
 
-    cfg = LegoRunConfig.from_yaml(args.config, args.overrides)
+    cfg = LegoRunConfig.from_yaml(args.config, args.overrides)  # fail on typos before launching
+    if args.nproc_per_node > 1 and "RANK" not in os.environ:
+        from cluster.env import relaunch_local
+
+        cmd = ["pretrain.cli", "lego-mt", "train", str(args.config), "--run-dir", str(args.run_dir)]
+        return relaunch_local(args.nproc_per_node, cmd + [x for s in args.overrides for x in ("--set", s)])
     res = train(cfg, args.run_dir)
+    if int(os.environ.get("RANK", "0")):
+        return 0
     losses = res["losses"]
     last = losses[max(losses)] if losses else float("nan")
     print(f"done: {res['global_step']} steps, last loss {last:.4f}; partitions in {args.run_dir / 'parts'}")

@@ -127,3 +127,29 @@ def _bf16_worker(rank: int, world: int, data_dir, run_dir) -> dict:
     data = _config(data_dir, zero_stage=2).to_dict()
     data["train"]["precision"] = "bf16"
     return {"losses": train(LegoRunConfig.from_dict(data), run_dir)["losses"]}
+
+
+def test_cli_starts_data_parallel_ranks(single, synthetic_pairs, tmp_path):
+    """`pretrain lego-mt train --nproc-per-node 2` under ZeRO-1 ends with the single-process weights."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    ref_dir, _ = single
+    config = tmp_path / "lego.yaml"
+    config.write_text(yaml.safe_dump(_config(synthetic_pairs, zero_stage=1).to_dict()))
+    cmd = [
+        sys.executable,
+        "-m",
+        "pretrain.cli",
+        "lego-mt",
+        "train",
+        str(config),
+        "--run-dir",
+        str(tmp_path / "run"),
+    ]
+    proc = subprocess.run([*cmd, "--nproc-per-node", "2"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("done: 21 steps") == 1  # rank 0 reports
+    _assert_close_partitions(ref_dir, tmp_path / "run")
