@@ -41,13 +41,18 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_parallel.py
 	$(BIN)/python bench/bench_lego.py
 
-# A tiny Lego-MT on the gettext catalogs every machine has: data, two stages, detach, translate, BLEU/chrF.
+# A tiny Lego-MT on the gettext catalogs every machine has: data, the two stages, the matched
+# single-model baseline (same config and --set, so the same steps and batch size), one detached
+# flow translating, and the BLEU/chrF table of every flow against the baseline (README: Lego-MT).
+LEGO_DIR ?= runs/lego
+LEGO_SET ?= --set train.data_dir=$(LEGO_DIR)/data/tok --set train.stage1_steps=200 --set train.stage2_steps=200
 lego-demo: $(STAMP)
-	$(BIN)/pretrain lego data runs/lego/data --langs en de fr --vocab-size 2000 --max-pairs 4000
-	$(BIN)/pretrain lego train configs/lego-mt-tiny.yaml --run-dir runs/lego/run --set train.stage1_steps=60 --set train.stage2_steps=30
-	$(BIN)/pretrain lego detach runs/lego/run --encoder de --decoder m2m --out runs/lego/de-m2m
-	printf 'Open file\nSave the document\n' | $(BIN)/pretrain lego translate runs/lego/de-m2m --tgt-lang de --beam 3
-	$(BIN)/pretrain lego eval runs/lego/de-m2m --heldout runs/lego/data/heldout.jsonl --limit 50
+	$(BIN)/pretrain lego-mt data $(LEGO_DIR)/data --langs en de fr --vocab-size 1000 --max-pairs 4000
+	$(BIN)/pretrain lego-mt train configs/lego-mt-tiny.yaml --run-dir $(LEGO_DIR)/run $(LEGO_SET)
+	$(BIN)/pretrain lego-mt baseline configs/lego-mt-tiny.yaml --run-dir $(LEGO_DIR)/baseline $(LEGO_SET)
+	$(BIN)/pretrain lego-mt detach $(LEGO_DIR)/run --encoder de --decoder m2m --out $(LEGO_DIR)/de-m2m
+	printf 'Datei öffnen\nDokument speichern\n' | $(BIN)/pretrain translate $(LEGO_DIR)/de-m2m --src-lang de --tgt-lang en --beam 3
+	$(BIN)/pretrain lego-mt compare $(LEGO_DIR)/run --baseline $(LEGO_DIR)/baseline --limit 100
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
