@@ -5,7 +5,8 @@ the run's ``model`` section) and trains on every group's pairs together, so it s
 direction. Matching rule: the same number of optimizer steps as the whole Lego-MT schedule
 (:func:`matched_steps`, the sum of every phase's steps), the same pairs per step
 (``train.batch_size``), ``max_len``, peak LR, warmup, cosine floor, AdamW settings, grad clip,
-seed and initial weights (the Lego-MT run's initial embedding, main encoder and m2m decoder).
+seed and initial weights (the Lego-MT run's initial embedding, main encoder and m2m decoder, or
+with ``train.init_from`` the multilingual model both start from).
 Its one warmup + cosine schedule spans all the steps, where Lego-MT restarts one per phase.
 
 Batches are a pure function of ``(seed, step)`` (:func:`pretrain.lego.data.batch_indices`) and
@@ -26,7 +27,7 @@ import torch
 
 from checkpoints import Checkpointer, load_checkpoint
 from pretrain.lego.data import Pair, batch_indices, collate, load_pairs, read_meta
-from pretrain.lego.detach import save_flow
+from pretrain.lego.detach import load_flow, save_flow
 from pretrain.lego.train import LegoRunConfig, _Tracker, phases
 from pretrain.models.lego_mt import LegoFlow, detach
 from pretrain.models.lego_mt.model import flow_loss
@@ -54,9 +55,19 @@ def baseline_config(cfg: LegoRunConfig) -> LegoRunConfig:
 
 
 def _initial_flow(cfg: LegoRunConfig) -> LegoFlow:
-    # Same seed and construction as the Lego-MT run's initial state, so both start equal.
+    # Same start as the Lego-MT run: its seeded initial state, or the model of train.init_from
+    # (then the baseline is that model trained on further, as the paper's fine-tuned M2M-100).
     torch.manual_seed(cfg.train.seed)
-    return detach(cfg.model.build(resident=[]), encoder="main", decoder="m2m")
+    flow = detach(cfg.model.build(resident=[]), encoder="main", decoder="m2m")
+    if cfg.train.init_from:
+        start, _ = load_flow(Path(cfg.train.init_from))
+        diff = start.cfg.shape_diff(cfg.model)
+        if diff:
+            raise ValueError(
+                f"train.init_from={cfg.train.init_from}: model shape differs (theirs, ours): {diff}"
+            )
+        flow.load_state_dict(start.state_dict())
+    return flow
 
 
 def train_baseline(cfg: LegoRunConfig, run_dir: Path, *, stop_after: int | None = None) -> dict[str, Any]:

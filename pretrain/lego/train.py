@@ -226,10 +226,8 @@ class LocalizedTrainer:
         from pretrain.lego.detach import load_flow
 
         flow, meta = load_flow(path)
-        shape = ("vocab_size", "d_model", "n_heads", "ffn_dim", "encoder_layers", "decoder_layers", "pad_id")
-        theirs, ours = flow.cfg.model_dump(include=set(shape)), self.cfg.model.model_dump(include=set(shape))
-        if theirs != ours:
-            diff = {k: (theirs[k], ours[k]) for k in shape if theirs[k] != ours[k]}
+        diff = flow.cfg.shape_diff(self.cfg.model)
+        if diff:
             raise ValueError(f"train.init_from={path}: model shape differs (theirs, ours): {diff}")
         if meta.get("lang_tags") != self.meta.get("lang_tags") or meta.get("eos_id") != self.meta.get(
             "eos_id"

@@ -69,3 +69,14 @@ def test_resume_equals_uninterrupted(baseline_run, synthetic_pairs, tmp_path):
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(va, vb), k
     assert train_baseline(cfg, tmp_path)["global_step"] == 21  # finished: a re-run only reports
+
+
+def test_init_from_continues_a_multilingual_model(baseline_run, synthetic_pairs, tmp_path):
+    """A baseline started from a trained flow begins where that flow ended, not at random init."""
+    run_dir, ref = baseline_run
+    cont = train_baseline(_cfg(synthetic_pairs, init_from=str(run_dir)), tmp_path / "cont", stop_after=1)
+    assert cont["losses"][1] < ref["losses"][5] < ref["losses"][1]
+    wide = _cfg(synthetic_pairs, init_from=str(run_dir))
+    wide = wide.model_copy(update={"model": wide.model.model_copy(update={"d_model": 64})})
+    with pytest.raises(ValueError, match="d_model"):
+        train_baseline(wide, tmp_path / "wide", stop_after=0)

@@ -74,6 +74,14 @@ class LegoMTConfig(Config):
 
         return LegoMT(self, resident=self.groups if resident is None else resident)
 
+    def shape_diff(self, other: LegoMTConfig) -> dict[str, tuple[object, object]]:
+        """``{field: (self's, other's)}`` over the fields that fix the weights' shapes and meaning
+        (dropout, layerdrop and the group list may differ between models that share weights)."""
+        fields = ("vocab_size", "d_model", "n_heads", "ffn_dim", "encoder_layers", "decoder_layers", "pad_id")
+        return {
+            f: (getattr(self, f), getattr(other, f)) for f in fields if getattr(self, f) != getattr(other, f)
+        }
+
     def num_params_per_part(self) -> dict[str, int]:
         """Parameters of the shared embedding, one encoder and one decoder (analytic)."""
         d, f = self.d_model, self.ffn_dim
