@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH_PIP_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: quickstart test bench lint format readme clean venv slurm-stop lego-demo
+.PHONY: quickstart test bench lint format readme clean venv slurm-stop lego-demo lego-demo-init
 
 venv: $(STAMP)
 
@@ -53,6 +53,13 @@ lego-demo: $(STAMP)
 	$(BIN)/pretrain lego-mt detach $(LEGO_DIR)/run --encoder de --decoder m2m --out $(LEGO_DIR)/de-m2m
 	printf 'Datei öffnen\nDokument speichern\n' | $(BIN)/pretrain translate $(LEGO_DIR)/de-m2m --src-lang de --tgt-lang en --beam 3
 	$(BIN)/pretrain lego-mt compare $(LEGO_DIR)/run --baseline $(LEGO_DIR)/baseline --limit 100
+
+# The paper's setting, after lego-demo: every branch starts from one trained multilingual model
+# (lego-demo's baseline), against that model trained on for the same steps on the same pairs.
+lego-demo-init: $(STAMP)
+	$(BIN)/pretrain lego-mt train configs/lego-mt-tiny.yaml --run-dir $(LEGO_DIR)/run-init $(LEGO_SET) --set train.init_from=$(LEGO_DIR)/baseline
+	$(BIN)/pretrain lego-mt baseline configs/lego-mt-tiny.yaml --run-dir $(LEGO_DIR)/baseline-cont $(LEGO_SET) --set train.init_from=$(LEGO_DIR)/baseline
+	$(BIN)/pretrain lego-mt compare $(LEGO_DIR)/run-init --baseline $(LEGO_DIR)/baseline-cont --limit 100
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

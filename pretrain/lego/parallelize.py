@@ -29,6 +29,7 @@ feed-forward blocks, whose ReLU activations are the widest (``selective``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -46,6 +47,19 @@ CHECKPOINTED_MODULES = {"full": ("EncoderLayer", "DecoderLayer"), "selective": (
 
 ADAM_BETAS = (0.9, 0.98)
 """AdamW betas of every phase (fairseq's translation default)."""
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """What a phase's step needs besides the model and its trainable parameters."""
+
+    weight_decay: float
+    grad_clip: float
+    batch_size: int
+    """Pairs per step over all ranks."""
+    device: torch.device
+    precision: str = "fp32"
+    """``fp32`` or ``bf16``."""
 
 
 def check_lego_layout(parallel: ParallelConfig, world_size: int) -> None:
@@ -108,20 +122,14 @@ def _global_tokens(labels: Tensor, pad_id: int) -> int:
 class LocalStep:
     """AdamW on the trainable parameters, one process."""
 
-    def __init__(
-        self,
-        model: LegoMT,
-        params: list[nn.Parameter],
-        *,
-        weight_decay: float,
-        grad_clip: float,
-        precision: str = "fp32",
-    ) -> None:
+    def __init__(self, model: LegoMT, params: list[nn.Parameter], settings: StepSettings) -> None:
         self.model = model
         self.params = params
-        self.grad_clip = grad_clip
-        self.bf16 = precision == "bf16"  # autocast; weights, gradients and AdamW stay fp32
-        self.optimizer = torch.optim.AdamW(params, lr=0.0, betas=ADAM_BETAS, weight_decay=weight_decay)
+        self.grad_clip = settings.grad_clip
+        self.bf16 = settings.precision == "bf16"  # autocast; weights, gradients and AdamW stay fp32
+        self.optimizer = torch.optim.AdamW(
+            params, lr=0.0, betas=ADAM_BETAS, weight_decay=settings.weight_decay
+        )
 
     def step(
         self, batch: tuple[Tensor, Tensor, Tensor], *, flows: int, group: str, lr: float
@@ -168,16 +176,7 @@ class DeepSpeedStep:
     """
 
     def __init__(
-        self,
-        model: LegoMT,
-        params: list[nn.Parameter],
-        *,
-        parallel: ParallelConfig,
-        weight_decay: float,
-        grad_clip: float,
-        batch_size: int,
-        device: torch.device,
-        precision: str = "fp32",
+        self, model: LegoMT, params: list[nn.Parameter], settings: StepSettings, parallel: ParallelConfig
     ) -> None:
         import deepspeed
 
@@ -187,25 +186,34 @@ class DeepSpeedStep:
         init_deepspeed_distributed()
         self.dp_size = dist.get_world_size()
         self.dp_rank = dist.get_rank()
-        if batch_size % self.dp_size:
+        if settings.batch_size % self.dp_size:
             raise ConfigError(
-                f"train.batch_size={batch_size} must be divisible by the {self.dp_size} data-parallel processes"
+                f"train.batch_size={settings.batch_size} must be divisible by the {self.dp_size} data-parallel processes"
             )
-        self.rows = batch_size // self.dp_size
+        self.rows = settings.batch_size // self.dp_size
         self.zero_stage = parallel.zero_stage
-        self.device = device
+        self.device = settings.device
         adamw = TrainConfig(
-            lr=1.0, betas=ADAM_BETAS, weight_decay=weight_decay, grad_clip=grad_clip, precision=precision
+            lr=1.0,
+            betas=ADAM_BETAS,
+            weight_decay=settings.weight_decay,
+            grad_clip=settings.grad_clip,
+            precision=settings.precision,
         )
         ds_config = build_deepspeed_config(
-            adamw, parallel, dp_size=self.dp_size, micro_batch_size=self.rows, grad_accum=1, device=device
+            adamw,
+            parallel,
+            dp_size=self.dp_size,
+            micro_batch_size=self.rows,
+            grad_accum=1,
+            device=self.device,
         )
         if self.zero_stage == 3:
             deepspeed.zero.register_external_parameter(model, model.embed.tokens.weight)
         self.params = params
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model.to(device),
-            model_parameters=[{"params": params, "weight_decay": weight_decay}],
+            model=model.to(self.device),
+            model_parameters=[{"params": params, "weight_decay": settings.weight_decay}],
             config=ds_config,
             dist_init_required=False,
         )
@@ -273,29 +281,12 @@ class DeepSpeedStep:
 
 
 def build_phase_step(
-    model: LegoMT,
-    params: list[nn.Parameter],
-    *,
-    parallel: ParallelConfig,
-    weight_decay: float,
-    grad_clip: float,
-    batch_size: int,
-    device: torch.device,
-    precision: str = "fp32",
+    model: LegoMT, params: list[nn.Parameter], settings: StepSettings, parallel: ParallelConfig
 ) -> PhaseStep:
     """Apply activation checkpointing, then the configured engine, to one phase's model."""
     mode = parallel.activation_checkpointing
     if mode != "none":
         apply_activation_checkpointing(model, "selective", selective_modules=CHECKPOINTED_MODULES[mode])
     if parallel.engine == "deepspeed":
-        return DeepSpeedStep(
-            model,
-            params,
-            parallel=parallel,
-            weight_decay=weight_decay,
-            grad_clip=grad_clip,
-            batch_size=batch_size,
-            device=device,
-            precision=precision,
-        )
-    return LocalStep(model, params, weight_decay=weight_decay, grad_clip=grad_clip, precision=precision)
+        return DeepSpeedStep(model, params, settings, parallel)
+    return LocalStep(model, params, settings)

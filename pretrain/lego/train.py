@@ -35,7 +35,7 @@ from cluster.env import ProcessEnv
 from parallel.config import ParallelConfig
 from pretrain.config import Config
 from pretrain.lego.data import batch_indices, collate, load_pairs, read_meta
-from pretrain.lego.parallelize import PhaseStep, build_phase_step, check_lego_layout
+from pretrain.lego.parallelize import PhaseStep, StepSettings, build_phase_step, check_lego_layout
 from pretrain.lego.stages import STAGE_FLOWS, set_trainable
 from pretrain.lego.store import SHARED_PARTS, PartitionStore, partition_name, state_of
 from pretrain.models.lego_mt import LegoMT, LegoMTConfig
@@ -300,6 +300,9 @@ class LocalizedTrainer:
         tcfg = self.cfg.train
         state, opt_state = self._load_state()
         tracker = _Tracker(self.cfg, self.run_dir, enabled=self.env.is_main)
+        settings = StepSettings(
+            tcfg.weight_decay, tcfg.grad_clip, tcfg.batch_size, self.device, precision=tcfg.precision
+        )
         try:
             while state["phase"] < len(self.phases):
                 stage, group = self.phases[state["phase"]]
@@ -310,14 +313,7 @@ class LocalizedTrainer:
                     self.results["peak_params"], sum(p.numel() for p in model.parameters())
                 )
                 step = build_phase_step(
-                    model,
-                    set_trainable(model, stage, group),
-                    parallel=self.cfg.parallel,
-                    weight_decay=tcfg.weight_decay,
-                    grad_clip=tcfg.grad_clip,
-                    batch_size=tcfg.batch_size,
-                    device=self.device,
-                    precision=tcfg.precision,
+                    model, set_trainable(model, stage, group), settings, self.cfg.parallel
                 )
                 if opt_state is not None and state["step_in_phase"] > 0:
                     step.load_optimizer_state(opt_state)
