@@ -47,7 +47,6 @@ def build_callbacks(
     artifacts: dict[str, list[Path]],
     tags: dict[str, str],
     progress: bool = True,
-    memory_monitor: bool = True,
 ) -> dict[str, Callback]:
     """The standard callbacks of a run under ``config`` (pretraining and finetuning stages).
 
@@ -61,10 +60,9 @@ def build_callbacks(
         artifacts: files logged to the MLflow run, ``{subdir: [paths]}``.
         tags: the MLflow run's tags.
         progress: show a progress bar (on the main rank).
-        memory_monitor: record the peak memory.
 
     Returns:
-        By name: ``checkpoint``, ``speed``, ``memory`` (with ``memory_monitor``), ``stability``,
+        By name: ``checkpoint``, ``speed``, ``memory``, ``stability``,
         ``evaluation`` (with ``eval_batches``), ``progress``, ``metrics_file`` and ``mlflow``
         (with ``config.tracking`` enabled).
     """
@@ -85,9 +83,8 @@ def build_callbacks(
             tc.peak_flops * env.world_size if tc.peak_flops else None,
             devices=env.world_size,
         ),
+        "memory": MemoryMonitorCallback(),
     }
-    if memory_monitor:
-        callbacks["memory"] = MemoryMonitorCallback()
     callbacks["stability"] = StabilityCallback(tc.spike_factor)
     if eval_batches:
         callbacks["evaluation"] = EvaluationCallback(eval_batches, tc.eval_interval)

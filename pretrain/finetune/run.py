@@ -185,7 +185,6 @@ def run_stage(
             "stage": stage.stage,
         },
         progress=progress,
-        memory_monitor=False,
     )
     callbacks["lineage"] = LineageCallback(lineage)
     trainer = Trainer(

@@ -59,6 +59,7 @@ def test_continued_pretraining_from_run_dir_other_seq_len(
     out = run_stage(stage, progress=False)
     meta = load_checkpoint(Path(out["checkpoint"]), parts=[]).metadata
     assert meta["lineage"]["stage"] == "continued" and meta["config"]["data"]["seq_len"] == 32
+    assert out["peak_memory_gib"] > 0  # stages record their peak memory like pretraining runs
     assert [e["stage"] for e in lineage_chain(out["checkpoint"], None, tmp_path)] == ["continued", "pretrain"]
     # A re-run resumes the stage from its own checkpoint (no work left at max_steps).
     again = run_stage(
