@@ -9,7 +9,6 @@ message, which decides the held-out split).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -21,7 +20,7 @@ from data_pipeline.bitext.clean import normalize
 from data_pipeline.bitext.config import LANG_CODE, TSV, BitextInput
 from data_pipeline.bitext.gettext_pairs import multiway_table
 from data_pipeline.jsonl import open_binary
-from data_pipeline.steps.readers import JSONL, QuarantiningReader, _is_binary, decode_line
+from data_pipeline.steps.readers import JSONL, QuarantiningReader, _is_binary, decode_line, parse_json_object
 
 ORDER_KEY = "_dp_order"
 PIVOT_KEY = "_dp_pivot"
@@ -157,12 +156,9 @@ class BitextFileReader(QuarantiningReader):
                 return None, "wrong_columns", f"{len(fields)} tab-separated fields, expected 2 (src, tgt)"
             assert spec.src_lang and spec.tgt_lang  # TSV inputs are resolved before the run
             return self._checked(spec.src_lang, spec.tgt_lang, fields[0], fields[1], ("src", "tgt"))
-        try:
-            record = json.loads(text)
-        except (ValueError, RecursionError) as exc:
-            return None, "invalid_json", f"{type(exc).__name__}: {str(exc)[:200]}"
-        if not isinstance(record, dict):
-            return None, "not_an_object", f"a JSON {type(record).__name__}"
+        record, reason, detail = parse_json_object(text)
+        if record is None:
+            return None, reason, detail
         src_lang = record.get("src_lang", spec.src_lang)
         tgt_lang = record.get("tgt_lang", spec.tgt_lang)
         if "translation" not in record:

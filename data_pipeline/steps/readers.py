@@ -59,6 +59,18 @@ def decode_line(line: bytes) -> tuple[str | None, str, str]:
         return None, "invalid_utf8", str(exc)
 
 
+def parse_json_object(text: str) -> tuple[dict[str, Any] | None, str, str]:
+    """``(record, "", "")`` for a line holding one JSON object, else ``(None, reason, detail)``
+    with reason ``invalid_json`` or ``not_an_object`` (shared by the JSONL readers)."""
+    try:
+        record = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        return None, "invalid_json", f"{type(exc).__name__}: {str(exc)[:200]}"
+    if not isinstance(record, dict):
+        return None, "not_an_object", f"a JSON {type(record).__name__}"
+    return record, "", ""
+
+
 class QuarantiningReader(PipelineStep):
     """Read JSONL (plain, gzip or zstd), Parquet and plain-text files; quarantine, never raise on,
     bad records.
@@ -154,12 +166,9 @@ class QuarantiningReader(PipelineStep):
         decoded, reason, detail = decode_line(line)
         if decoded is None:
             return None, reason, detail
-        try:
-            record = json.loads(decoded)
-        except (ValueError, RecursionError) as exc:
-            return None, "invalid_json", f"{type(exc).__name__}: {str(exc)[:200]}"
-        if not isinstance(record, dict):
-            return None, "not_an_object", f"a JSON {type(record).__name__}"
+        record, reason, detail = parse_json_object(decoded)
+        if record is None:
+            return None, reason, detail
         reason, detail = self._check_text(record.get(self.text_key))
         if reason:
             return None, reason, detail
