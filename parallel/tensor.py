@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import Tensor, nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from parallel.cpu_shims import apply_cpu_shims
 from parallel.topology import Topology
@@ -133,29 +134,40 @@ class _VocabEmbedding(tensor_parallel.VocabParallelEmbedding):
     """Vocab-parallel embedding; with SP its output is this rank's ``(n / tp, b, d)`` sequence slice."""
 
 
-def _column(
+def column_parallel_linear(
     dense: nn.Linear, cfg: ModelParallelConfig, group: Any, rank: int, size: int, stride: int = 1
 ) -> _ColumnLinear:
+    """A megatron ``ColumnParallelLinear`` holding this rank's rows of ``dense`` (and of its bias)."""
     out_f, in_f = dense.weight.shape
+    bias = dense.bias is not None
     layer = _ColumnLinear(
-        in_f, out_f, config=cfg, init_method=_no_init, bias=False, stride=stride, tp_group=group
+        in_f, out_f, config=cfg, init_method=_no_init, bias=bias, stride=stride, tp_group=group
     )
     with torch.no_grad():
         layer.weight.copy_(shard(dense.weight, 0, stride, rank, size))
-    _mark(layer.weight, 0, stride)
-    return layer
+        if bias:
+            layer.bias.copy_(shard(dense.bias, 0, stride, rank, size))
+    _mark(layer.weight, 0, stride)  # megatron marks the bias itself
+    return layer.to(dense.weight.device)
 
 
-def _row(dense: nn.Linear, cfg: ModelParallelConfig, group: Any, rank: int, size: int) -> _RowLinear:
+def row_parallel_linear(
+    dense: nn.Linear, cfg: ModelParallelConfig, group: Any, rank: int, size: int
+) -> _RowLinear:
+    """A megatron ``RowParallelLinear`` holding this rank's columns of ``dense``; the bias, added
+    after the all-reduce, stays whole on every rank."""
     out_f, in_f = dense.weight.shape
+    bias = dense.bias is not None
     layer = _RowLinear(
-        in_f, out_f, config=cfg, init_method=_no_init, bias=False, input_is_parallel=True,
+        in_f, out_f, config=cfg, init_method=_no_init, bias=bias, input_is_parallel=True,
         skip_bias_add=False, tp_group=group,
     )  # fmt: skip
     with torch.no_grad():
         layer.weight.copy_(shard(dense.weight, 1, 1, rank, size))
+        if bias:
+            layer.bias.copy_(dense.bias)
     _mark(layer.weight, 1)
-    return layer
+    return layer.to(dense.weight.device)
 
 
 class TensorParallelGLA(nn.Module):
@@ -172,8 +184,8 @@ class TensorParallelGLA(nn.Module):
         self.block_size = plain.block_size
         self.backend = getattr(plain, "backend", "torch")
         self.sequence_parallel = cfg.sequence_parallel
-        self.qkvu_proj = _column(plain.qkvu_proj, cfg, group, rank, size, stride=4)
-        self.out_proj = _row(plain.out_proj, cfg, group, rank, size)
+        self.qkvu_proj = column_parallel_linear(plain.qkvu_proj, cfg, group, rank, size, stride=4)
+        self.out_proj = row_parallel_linear(plain.out_proj, cfg, group, rank, size)
         self.norm = TensorParallelSRMSNorm(plain.n_heads * plain.head_dim, plain.norm.eps, group)
         self.lrpe = plain.lrpe
         if self.lrpe is not None:
@@ -226,15 +238,15 @@ class TensorParallelSGLU(nn.Module):
     def __init__(self, plain: SGLU, cfg: ModelParallelConfig, topo: Topology) -> None:
         super().__init__()
         rank, size, group = topo.tp_rank, topo.tp, topo.tp_group
-        self.l1 = _column(plain.l1, cfg, group, rank, size)
-        self.l2 = _column(plain.l2, cfg, group, rank, size)
-        self.l3 = _row(plain.l3, cfg, group, rank, size)
+        self.l1 = column_parallel_linear(plain.l1, cfg, group, rank, size)
+        self.l2 = column_parallel_linear(plain.l2, cfg, group, rank, size)
+        self.l3 = row_parallel_linear(plain.l3, cfg, group, rank, size)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.l3(self.l1(x) * self.l2(x))
 
 
-def _parallel_config(topo: Topology, sequence_parallel: bool, dtype: torch.dtype) -> ModelParallelConfig:
+def parallel_layer_config(topo: Topology, sequence_parallel: bool, dtype: torch.dtype) -> ModelParallelConfig:
     return ModelParallelConfig(
         tensor_model_parallel_size=topo.tp,
         sequence_parallel=sequence_parallel,
@@ -272,7 +284,7 @@ def apply_tensor_parallel(
             raise ValueError("sequence_parallel needs parallel.tp > 1")
         return model
     device = model.lm_head.weight.device
-    cfg = _parallel_config(topo, sequence_parallel, model.lm_head.weight.dtype)
+    cfg = parallel_layer_config(topo, sequence_parallel, model.lm_head.weight.dtype)
     rank, size, group = topo.tp_rank, topo.tp, topo.tp_group
     for layer in model.model.layers:
         layer.token_mixer = TensorParallelGLA(layer.token_mixer, cfg, topo)
@@ -389,3 +401,69 @@ def load_full_state_dict(model: nn.Module, full: dict[str, Tensor], topo: Topolo
         if value.shape != t.shape:
             raise ValueError(f"{name}: shard shape {tuple(value.shape)} != parameter shape {tuple(t.shape)}")
         t.copy_(value)
+
+
+def all_reduce_grads(params: list[nn.Parameter], group: Any) -> None:
+    """Sum the gradients of ``params`` over ``group`` in one flattened collective (data parallelism
+    over replicas). A parameter without a gradient on this rank takes part with zeros."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
+    flat = _flatten_dense_tensors(grads)
+    dist.all_reduce(flat, group=group)
+    for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
+        g.copy_(synced)
+
+
+def clip_grad_norm_(params: list[nn.Parameter], max_norm: float, topo: Topology) -> Tensor:
+    """Global L2 norm of the gradients of a tensor- (and pipeline-) parallel model, and clipping
+    as ``torch.nn.utils.clip_grad_norm_`` does: each TP shard counts once, a parameter replicated
+    over the TP group counts once, and the pipeline stages' parts add up."""
+    with_grad = [p for p in params if p.grad is not None]
+    device = with_grad[0].grad.device if with_grad else torch.device("cpu")
+    zero = torch.zeros((), device=device, dtype=torch.float32)
+    sq = sum((p.grad.float().pow(2).sum() for p in with_grad if is_tp_sharded(p)), zero)
+    if topo.tp > 1:
+        dist.all_reduce(sq, group=topo.tp_group)
+    sq = sq + sum((p.grad.float().pow(2).sum() for p in with_grad if not is_tp_sharded(p)), zero)
+    if topo.pp > 1:
+        dist.all_reduce(sq, group=topo.pp_group)
+    norm = sq.sqrt()
+    if max_norm != float("inf") and with_grad:
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_([p.grad for p in with_grad], coef)
+    return norm
+
+
+def gather_optimizer_state(
+    state: dict[int, dict[str, Any]], params: list[nn.Parameter], topo: Topology
+) -> dict[int, dict[str, Any]]:
+    """Per-parameter optimizer state (``optimizer.state_dict()["state"]``, indexed like ``params``)
+    with every moment of a TP-sharded parameter reassembled; scalars (``step``) are copied.
+    Collective over the TP group; on TP ranks other than 0 the moments are ``None``."""
+    out: dict[int, dict[str, Any]] = {}
+    for idx in sorted(state):  # same order on every rank: the gathers pair up
+        p = params[idx]
+        out[idx] = {
+            key: gather_tensor(value, p, topo)
+            if torch.is_tensor(value) and value.dim() > 0 and value.shape == p.shape
+            else (value.clone() if torch.is_tensor(value) else value)
+            for key, value in state[idx].items()
+        }
+    return out
+
+
+def shard_optimizer_state(
+    state: dict[int, dict[str, Any]], params: list[nn.Parameter], topo: Topology
+) -> dict[int, dict[str, Any]]:
+    """Inverse of :func:`gather_optimizer_state`: this rank's shard of each full moment."""
+    return {
+        idx: {
+            key: shard_tensor(value, params[idx], topo)
+            if torch.is_tensor(value) and value.dim() > 0 and is_tp_sharded(params[idx])
+            else value
+            for key, value in entry.items()
+        }
+        for idx, entry in state.items()
+    }

@@ -44,18 +44,19 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from parallel.config import ParallelConfig
 from parallel.context import apply_context_parallel, split_batch_for_cp
 from parallel.pipeline import apply_pipeline_parallel, run_schedule
 from parallel.tensor import (
+    all_reduce_grads,
     apply_tensor_parallel,
+    clip_grad_norm_,
     gather_full_state_dict,
-    gather_tensor,
+    gather_optimizer_state,
     is_tp_sharded,
     load_full_state_dict,
-    shard_tensor,
+    shard_optimizer_state,
     tp_token_loss,
 )
 from parallel.topology import Topology
@@ -206,37 +207,11 @@ class MegatronTrainModule:
 
     def _all_reduce_grads(self) -> None:
         """Sum gradients over the data x context parallel group (one flattened collective)."""
-        if self.topo.dp * self.topo.cp == 1:
-            return
-        params = self._params()
-        for p in params:
-            if p.grad is None:  # unused on this rank: take part in the collective with zeros
-                p.grad = torch.zeros_like(p)
-        grads = [p.grad for p in params]
-        flat = _flatten_dense_tensors(grads)
-        dist.all_reduce(flat, group=self.topo.dp_cp_group)
-        for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
-            g.copy_(synced)
+        if self.topo.dp * self.topo.cp > 1:
+            all_reduce_grads(self._params(), self.topo.dp_cp_group)
 
     def _clip_grad_norm(self, max_norm: float) -> torch.Tensor:
-        """Global L2 norm of the gradients across TP shards (each counted once; replicated
-        parameters counted once) and pipeline stages, and clipping as
-        ``torch.nn.utils.clip_grad_norm_`` does."""
-        grads = [p.grad for p in self._params() if p.grad is not None]
-        sharded = [p.grad for p in self._params() if p.grad is not None and is_tp_sharded(p)]
-        replicated = [p.grad for p in self._params() if p.grad is not None and not is_tp_sharded(p)]
-        zero = torch.zeros((), device=self.device, dtype=torch.float32)
-        sq = sum((g.float().pow(2).sum() for g in sharded), zero)
-        if self.topo.tp > 1:
-            dist.all_reduce(sq, group=self.topo.tp_group)
-        sq = sq + sum((g.float().pow(2).sum() for g in replicated), zero)
-        if self.topo.pp > 1:
-            dist.all_reduce(sq, group=self.topo.pp_group)
-        norm = sq.sqrt()
-        if max_norm != float("inf"):
-            coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-            torch._foreach_mul_(grads, coef)
-        return norm
+        return clip_grad_norm_(self._params(), max_norm, self.topo)
 
     def _pipeline(self, micro_batches: list[Batch], loss_of: Any, *, forward_only: bool) -> list[Any]:
         """megatron's 1F1B schedule over ``micro_batches``; ``loss_of(logits, local_batch)`` is
@@ -339,17 +314,8 @@ class MegatronTrainModule:
         """
         model = gather_full_state_dict(self.model, self.topo)
         local = self.optimizer.state_dict()
-        params = self._params()
-        state: dict[int, dict[str, Any]] = {}
-        for idx in sorted(local["state"]):  # same order on every rank: the gathers pair up
-            p = params[idx]
-            entry = {}
-            for key, value in local["state"][idx].items():
-                if torch.is_tensor(value) and value.shape == p.shape and value.dim() > 0:
-                    entry[key] = gather_tensor(value, p, self.topo)
-                else:
-                    entry[key] = value.clone() if torch.is_tensor(value) else value
-            state[self._full_index[idx]] = entry
+        gathered = gather_optimizer_state(local["state"], self._params(), self.topo)
+        state = {self._full_index[idx]: entry for idx, entry in gathered.items()}
         if self.topo.pp > 1:  # every stage's part to the first stage
             parts: list[Any] | None = [None] * self.topo.pp if self.topo.is_first_stage else None
             mine = (model, state) if self.topo.tp_rank == 0 else None
@@ -377,18 +343,11 @@ class MegatronTrainModule:
         load_full_state_dict(self.model, {k: v for k, v in state["model"].items() if k in own}, self.topo)
         full = state["optimizer"]
         full_state = {int(k): v for k, v in full["state"].items()}
-        params = self._params()
-        local_state = {}
-        for idx, full_idx in enumerate(self._full_index):
-            if full_idx not in full_state:
-                continue
-            p = params[idx]
-            local_state[idx] = {
-                key: shard_tensor(value, p, self.topo)
-                if torch.is_tensor(value) and value.dim() > 0 and is_tp_sharded(p)
-                else value
-                for key, value in full_state[full_idx].items()
-            }
+        local_state = shard_optimizer_state(
+            {idx: full_state[f] for idx, f in enumerate(self._full_index) if f in full_state},
+            self._params(),
+            self.topo,
+        )
         local_groups, start = [], 0
         for group in full["param_groups"]:
             n_local = len(self.optimizer.param_groups[len(local_groups)]["params"])

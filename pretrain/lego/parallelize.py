@@ -1,4 +1,5 @@
-"""How one Lego-MT phase steps: on one process, or data parallel under DeepSpeed ZeRO 0-3.
+"""How one Lego-MT phase steps: on one process, data parallel under DeepSpeed ZeRO 0-3, or
+tensor x data parallel with megatron-core's parallel linears.
 
 The localized trainer builds the resident model (shared parts + one group's branches) and picks
 the trainable parameters of the stage; :func:`build_phase_step` then hands them to
@@ -7,7 +8,11 @@ the trainable parameters of the stage; :func:`build_phase_step` then hands them 
 * :class:`DeepSpeedStep`: a DeepSpeed engine over all processes (``parallel.engine=deepspeed``,
   ``parallel.zero_stage`` 0-3, optional CPU offload), the same machinery and the same
   optimizer-state layout as the TransNormerLLM trainer's DeepSpeed engine
-  (:mod:`parallel.engines.deepspeed`, :mod:`parallel.zero`).
+  (:mod:`parallel.engines.deepspeed`, :mod:`parallel.zero`);
+* :class:`TensorParallelStep`: ``parallel.engine=megatron`` with ``parallel.tp`` ranks sharing
+  each block (:mod:`pretrain.lego.tensor_parallel`) and ``world / tp`` data-parallel replicas,
+  gradients summed over the replicas and the global norm clipped across the TP shards
+  (:mod:`parallel.tensor`), as the TransNormerLLM megatron engine does.
 
 **Loss normalisation.** The step's loss is the sum over the selected flows of each flow's mean
 next-token loss over the non-pad labels of the *global* batch. Every flow sees the same labels,
@@ -22,7 +27,8 @@ single process, so a phase checkpoint resumes under any engine, ZeRO stage and d
 that layerdrop skipped gets a zero gradient in every engine (DeepSpeed's flat gradient buffers
 hold zeros for it), so it still takes AdamW's momentum step, as it does under ZeRO.
 
-Tensor parallelism is not applied to Lego-MT blocks (``parallel.tp`` must be 1); ``parallel.
+Pipeline and context parallelism do not apply (an encoder-decoder flow of a few dozen layers
+fits one stage; pairs are short), nor does Megatron sequence parallelism. ``parallel.
 activation_checkpointing`` recomputes every encoder/decoder layer (``full``) or only the
 feed-forward blocks, whose ReLU activations are the widest (``selective``).
 """
@@ -39,10 +45,14 @@ from torch import Tensor, nn
 
 from parallel.activation_checkpoint import apply_activation_checkpointing
 from parallel.config import ParallelConfig
+from parallel.topology import Topology
 from pretrain.config import ConfigError
 from pretrain.models.lego_mt import LegoMT, flow_names
 
-CHECKPOINTED_MODULES = {"full": ("EncoderLayer", "DecoderLayer"), "selective": ("FeedForward",)}
+CHECKPOINTED_MODULES = {
+    "full": ("EncoderLayer", "DecoderLayer"),
+    "selective": ("FeedForward", "TensorParallelFeedForward"),
+}
 """Lego-MT module types recomputed in the backward per ``parallel.activation_checkpointing``."""
 
 ADAM_BETAS = (0.9, 0.98)
@@ -62,22 +72,43 @@ class StepSettings:
     """``fp32`` or ``bf16``."""
 
 
-def check_lego_layout(parallel: ParallelConfig, world_size: int) -> None:
+def check_lego_layout(
+    parallel: ParallelConfig, world_size: int, *, device: str = "cpu", precision: str = "fp32"
+) -> None:
     """Refuse, before any work, a layout the Lego-MT trainer cannot run; say what to change."""
-    if parallel.model_parallel_size != 1:
+    if parallel.pp != 1 or parallel.cp != 1 or parallel.sequence_parallel:
         raise ConfigError(
-            f"Lego-MT runs data parallel only (tp={parallel.tp}, pp={parallel.pp}, cp={parallel.cp}): "
-            "set parallel.tp=pp=cp=1 and scale with processes (parallel.engine=deepspeed)"
+            f"Lego-MT runs tensor and data parallel (pp={parallel.pp}, cp={parallel.cp}, "
+            f"sequence_parallel={parallel.sequence_parallel}): set parallel.pp=cp=1 and "
+            "parallel.sequence_parallel=false"
+        )
+    if parallel.engine == "native" and (
+        world_size > 1 or parallel.tp > 1 or parallel.zero_stage or parallel.offload
+    ):
+        raise ConfigError(
+            f"parallel.engine=native runs one process without tp or ZeRO (world size {world_size}, "
+            f"tp={parallel.tp}, zero_stage={parallel.zero_stage}): set parallel.engine=megatron for "
+            "tensor parallelism or parallel.engine=deepspeed for data parallelism and ZeRO"
+        )
+    if parallel.engine == "deepspeed" and parallel.tp > 1:
+        raise ConfigError(
+            "parallel.engine=deepspeed runs data parallel ZeRO only: use parallel.engine=megatron for tp > 1"
         )
     if parallel.engine == "megatron":
-        raise ConfigError(
-            "parallel.engine=megatron does not run Lego-MT: use native (1 process) or deepspeed"
-        )
-    if parallel.engine == "native" and (world_size > 1 or parallel.zero_stage or parallel.offload):
-        raise ConfigError(
-            f"parallel.engine=native runs one process without ZeRO (world size {world_size}, "
-            f"zero_stage={parallel.zero_stage}): set parallel.engine=deepspeed for data parallelism and ZeRO"
-        )
+        if parallel.zero_stage or parallel.offload:
+            raise ConfigError(
+                "parallel.engine=megatron does not run ZeRO/offload: use parallel.engine=deepspeed"
+            )
+        if world_size % parallel.tp:
+            raise ConfigError(
+                f"world size {world_size} is not divisible by parallel.tp={parallel.tp}: change the "
+                "number of processes or parallel.tp"
+            )
+        if precision == "bf16" and device == "cpu":
+            raise ConfigError(
+                "parallel.engine=megatron on CPU runs fp32 only (megatron-core's parallel linears bind "
+                "their autocast handling to CUDA): set train.precision=fp32"
+            )
 
 
 def flow_token_losses(out: dict[str, Any], labels: Tensor, flows: int, pad_id: int) -> dict[str, Tensor]:
@@ -280,13 +311,115 @@ class DeepSpeedStep:
         self.engine.destroy()
 
 
+class TensorParallelStep:
+    """AdamW on this rank's shards of the trainable parameters: ``parallel.tp`` ranks share each
+    block, ``world / tp`` replicas split the batch.
+
+    Built from the dense resident model (the same weights on every rank); each rank keeps its
+    shard. The optimizer holds the parameters in the order of the dense ``params``, so its state
+    maps one to one onto the one-process AdamW's.
+    """
+
+    def __init__(
+        self, model: LegoMT, params: list[nn.Parameter], settings: StepSettings, topo: Topology
+    ) -> None:
+        from pretrain.lego.tensor_parallel import apply_lego_tensor_parallel
+
+        if settings.batch_size % topo.dp:
+            raise ConfigError(
+                f"train.batch_size={settings.batch_size} must be divisible by the {topo.dp} data-parallel replicas"
+            )
+        names = {id(p): n for n, p in model.named_parameters()}
+        order = [names[id(p)] for p in params]
+        apply_lego_tensor_parallel(model, topo)
+        named = dict(model.named_parameters())
+        self.model = model
+        self.topo = topo
+        self.params = [named[n] for n in order]
+        self.rows = settings.batch_size // topo.dp
+        self.grad_clip = settings.grad_clip
+        self.bf16 = settings.precision == "bf16"
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=0.0, betas=ADAM_BETAS, weight_decay=settings.weight_decay
+        )
+
+    def step(
+        self, batch: tuple[Tensor, Tensor, Tensor], *, flows: int, group: str, lr: float
+    ) -> dict[str, float]:
+        from parallel.tensor import all_reduce_grads, clip_grad_norm_
+
+        device = self.model.embed.tokens.weight.device
+        pad = self.model.cfg.pad_id
+        n = _global_tokens(batch[2], pad)
+        rows = slice(self.topo.dp_rank * self.rows, (self.topo.dp_rank + 1) * self.rows)
+        src, tgt_in, labels = (t[rows].to(device) for t in batch)
+        for pg in self.optimizer.param_groups:
+            pg["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            out = self.model(src, tgt_in, flows, group)
+        sums = flow_token_losses(out, labels, flows, pad)
+        local = sum(sums.values())
+        (local / n).backward()
+        for p in self.params:  # layerdrop-skipped layers: zeros, as in LocalStep
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        if self.topo.dp > 1:
+            all_reduce_grads(self.params, self.topo.dp_group)
+        if self.grad_clip > 0:
+            clip_grad_norm_(self.params, self.grad_clip, self.topo)
+        self.optimizer.step()
+        reduced = torch.stack([local.detach(), *(v.detach() for v in sums.values())])
+        if self.topo.dp > 1:
+            dist.all_reduce(reduced, group=self.topo.dp_group)
+        metrics = {f"loss_{k}": float(v) / n for k, v in zip(sums, reduced[1:].tolist())}
+        metrics["loss"] = float(reduced[0]) / n
+        return metrics
+
+    def module_state(self, module: nn.Module) -> dict[str, Tensor]:
+        from parallel.tensor import gather_full_state_dict
+
+        return gather_full_state_dict(module, self.topo)
+
+    def optimizer_state(self) -> dict[str, Any]:
+        from parallel.tensor import gather_optimizer_state
+
+        local = self.optimizer.state_dict()
+        return {
+            "state": gather_optimizer_state(local["state"], self.params, self.topo),
+            "param_groups": local["param_groups"],
+        }
+
+    def load_optimizer_state(self, state: dict[str, Any]) -> None:
+        from parallel.tensor import shard_optimizer_state
+
+        full = {int(k): v for k, v in state["state"].items()}
+        self.optimizer.load_state_dict(
+            {
+                "state": shard_optimizer_state(full, self.params, self.topo),
+                "param_groups": state["param_groups"],
+            }
+        )
+
+
 def build_phase_step(
-    model: LegoMT, params: list[nn.Parameter], settings: StepSettings, parallel: ParallelConfig
+    model: LegoMT,
+    params: list[nn.Parameter],
+    settings: StepSettings,
+    parallel: ParallelConfig,
+    topo: Topology | None = None,
 ) -> PhaseStep:
-    """Apply activation checkpointing, then the configured engine, to one phase's model."""
+    """Apply the configured engine (tensor parallelism first), then activation checkpointing, to
+    one phase's model. ``topo``: the run's built topology (``parallel.engine=megatron``)."""
+    if parallel.engine == "megatron":
+        if topo is None:
+            raise ValueError("parallel.engine=megatron needs the run's built Topology")
+        step: PhaseStep = TensorParallelStep(model, params, settings, topo)
     mode = parallel.activation_checkpointing
-    if mode != "none":
+    if mode != "none":  # after the swap to parallel blocks; names and parameters stay
         apply_activation_checkpointing(model, "selective", selective_modules=CHECKPOINTED_MODULES[mode])
+    if parallel.engine == "megatron":
+        return step
     if parallel.engine == "deepspeed":
         return DeepSpeedStep(model, params, settings, parallel)
     return LocalStep(model, params, settings)

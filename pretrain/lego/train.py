@@ -14,8 +14,9 @@ a fresh AdamW and warmup/cosine schedule.
 
 Under ``torchrun``/``srun`` with ``parallel.engine=deepspeed`` every process builds the same
 resident model and each phase runs data parallel under ZeRO 0-3 (:mod:`pretrain.lego.parallelize`);
-rank 0 writes partitions, checkpoints and metrics, in the single-process layout, so a run can
-resume under another number of processes or ZeRO stage.
+with ``parallel.engine=megatron`` the blocks are also split over ``parallel.tp`` ranks. Rank 0
+writes partitions, checkpoints and metrics, in the single-process layout, so a run can resume
+under another number of processes, ZeRO stage or tensor-parallel degree.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from pydantic import Field, model_validator
 from checkpoints import Checkpointer, load_checkpoint
 from cluster.env import ProcessEnv
 from parallel.config import ParallelConfig
+from parallel.topology import Topology
 from pretrain.config import Config
 from pretrain.lego.data import batch_indices, collate, load_pairs, read_meta
 from pretrain.lego.parallelize import PhaseStep, StepSettings, build_phase_step, check_lego_layout
@@ -106,7 +108,8 @@ class LegoRunConfig(Config):
     tracking: TrackingConfig = Field(default_factory=lambda: TrackingConfig(experiment="lego-mt"))
     """MLflow tracking (sqlite in the run directory by default)."""
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
-    """Data parallelism and ZeRO (``engine: deepspeed``), activation checkpointing; tp=pp=cp=1."""
+    """Data parallelism and ZeRO (``engine: deepspeed``), or tensor x data parallelism
+    (``engine: megatron``, ``tp``); activation checkpointing; pp=cp=1."""
 
 
 def phases(cfg: LegoRunConfig) -> list[tuple[int, str]]:
@@ -182,15 +185,24 @@ class LocalizedTrainer:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.env = ProcessEnv.from_environ()
-        check_lego_layout(cfg.parallel, self.env.world_size)
+        check_lego_layout(
+            cfg.parallel, self.env.world_size, device=cfg.train.device, precision=cfg.train.precision
+        )
         self.device = torch.device(cfg.train.device)
-        if cfg.parallel.engine == "deepspeed":
+        self.topo: Topology | None = None
+        if cfg.parallel.engine != "native":
             from parallel.apply import init_process_group
 
             init_process_group(self.env)
             if self.device.type == "cuda":
                 self.device = torch.device("cuda", self.env.local_rank)
                 torch.cuda.set_device(self.device)
+        if cfg.parallel.engine == "megatron":
+            from pretrain.lego.tensor_parallel import check_tensor_parallel_shape
+
+            check_tensor_parallel_shape(cfg.model, cfg.parallel.tp)
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            self.topo = Topology.from_config(cfg.parallel, self.env.world_size, backend=backend)
         self.store = PartitionStore(self.run_dir / "parts")
         self.state_ckpt = Checkpointer(self.run_dir / "state", keep_last=2)
         self.meta = read_meta(Path(cfg.train.data_dir))
@@ -303,6 +315,8 @@ class LocalizedTrainer:
         settings = StepSettings(
             tcfg.weight_decay, tcfg.grad_clip, tcfg.batch_size, self.device, precision=tcfg.precision
         )
+        if self.topo is not None:
+            self.topo.build()
         try:
             while state["phase"] < len(self.phases):
                 stage, group = self.phases[state["phase"]]
@@ -313,7 +327,7 @@ class LocalizedTrainer:
                     self.results["peak_params"], sum(p.numel() for p in model.parameters())
                 )
                 step = build_phase_step(
-                    model, set_trainable(model, stage, group), settings, self.cfg.parallel
+                    model, set_trainable(model, stage, group), settings, self.cfg.parallel, self.topo
                 )
                 if opt_state is not None and state["step_in_phase"] > 0:
                     step.load_optimizer_state(opt_state)
@@ -354,6 +368,8 @@ class LocalizedTrainer:
             self._barrier()
         finally:
             tracker.finish()
+            if self.topo is not None:  # megatron's groups are process-global
+                self.topo.destroy()
         self.results["global_step"] = state["global_step"]
         if tracker.client is not None:
             self.results["mlflow_run_id"] = tracker.run_id
