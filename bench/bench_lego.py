@@ -6,6 +6,9 @@
 2. Measured peak RSS of a child process that builds a small model and takes one stage-1 step per
    group, localized (branches swapped, one group at a time) vs all resident.
 3. Forward+backward+AdamW step time of each flow bitmask on the small shape (median of passes).
+4. Analytic localized training state per rank on the M2M-100-1.2B shape with the blocks split
+   over ``parallel.tp`` ranks (attention heads and FFN columns; the embedding, LayerNorms and
+   row-parallel biases stay whole on every rank).
 
     .venv/bin/python bench/bench_lego.py [--threads 2] [--groups 1 2 4 8] [--passes 5]
 """
@@ -47,6 +50,62 @@ def analytic(groups: list[int]) -> list[dict]:
             "params_all_B": round(all_params / 1e9, 2),
         })  # fmt: skip
     return rows
+
+
+def _split_params(cfg: LegoMTConfig) -> dict[str, int]:
+    """Parameters of one encoder / decoder that tensor parallelism splits (column-parallel
+    weights and biases, row-parallel weights)."""
+    d, f = cfg.d_model, cfg.ffn_dim
+    attn, ffn = 4 * d * d + 3 * d, 2 * d * f + f
+    return {"encoder": cfg.encoder_layers * (attn + ffn), "decoder": cfg.decoder_layers * (2 * attn + ffn)}
+
+
+def analytic_tp(tps: list[int]) -> list[dict]:
+    """Localized stage-1 training state per rank (fp32 weights of the resident parts, grads and
+    AdamW moments of the trained ones) when the blocks are split over ``tp`` ranks."""
+    cfg = m2m_1_2b(["g0"])
+    p, split = cfg.num_params_per_part(), _split_params(cfg)
+    rows = []
+    for tp in tps:
+        enc = p["encoder"] - split["encoder"] + split["encoder"] / tp
+        dec = p["decoder"] - split["decoder"] + split["decoder"] / tp
+        resident = p["embed"] + 2 * enc + 2 * dec  # main + enc branch, m2m + dec branch
+        trained = p["embed"] + 2 * enc + dec  # stage 1: embed, main, m2m, enc branch
+        rows.append({"tp": tp, "localized_GiB_per_rank": round((resident * 4 + trained * 12) / GiB, 1)})
+    return rows
+
+
+def _print(res: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=120)
+    t = Table(title="Lego-MT training state, M2M-100-1.2B shape, fp32 AdamW (analytic)")
+    for col in ("groups", "all branches resident GiB", "localized GiB", "parameters (all) B"):
+        t.add_column(col, justify="right")
+    for r in res["analytic_m2m_1.2b"]:
+        t.add_row(*(str(r[k]) for k in ("groups", "all_resident_GiB", "localized_GiB", "params_all_B")))
+    console.print(t)
+    t = Table(title="Localized training per rank, blocks split over tp ranks (analytic)")
+    t.add_column("tp", justify="right")
+    t.add_column("GiB per rank", justify="right")
+    for r in res["analytic_tp_m2m_1.2b"]:
+        t.add_row(str(r["tp"]), str(r["localized_GiB_per_rank"]))
+    console.print(t)
+    t = Table(title=f"Peak RSS, one stage-1 step per group, small shape ({res['threads']} threads)")
+    for col in ("groups", "localized MiB", "all resident MiB", "all / localized"):
+        t.add_column(col, justify="right")
+    for r in res["measured_small"]:
+        loc, full = r["localized_peak_rss_MiB"], r["all_peak_rss_MiB"]
+        t.add_row(str(r["groups"]), f"{loc:.0f}", f"{full:.0f}", f"{full / loc:.2f}")
+    console.print(t)
+    t = Table(title=f"Step time per flow, small shape, {res['batch']}")
+    for col in ("flows", "ms (median)", "x Dec-Flow"):
+        t.add_column(col, justify="right")
+    times = res["step_ms_per_flow_small"]
+    for name, ms in times.items():
+        t.add_row(name, f"{ms:.0f}", f"{ms / times['dec']:.2f}")
+    console.print(t)
 
 
 def _batch(vocab: int, b: int = 16, n: int = 32, seed: int = 0):
@@ -130,6 +189,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     res = {
         "analytic_m2m_1.2b": analytic([1, 2, 4, 7, 16]),
+        "analytic_tp_m2m_1.2b": analytic_tp([1, 2, 4, 8]),
         "measured_small": measured(args.groups, args.threads),
         "step_ms_per_flow_small": step_times(args.passes, args.steps),
         "small_shape": SMALL,
@@ -138,7 +198,8 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=1))
-    print(json.dumps(res, indent=1))
+    _print(res)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
