@@ -20,15 +20,16 @@ so that is ``sum_flows(token_loss_sum) / N`` with ``N`` the global label count, 
 knows from the global batch (no collective needed). Rank ``r`` of ``dp`` takes rows
 ``[r*b/dp, (r+1)*b/dp)`` of the padded global batch and backpropagates its token-loss sum
 ``/ N * dp``; DeepSpeed's gradient average over ranks cancels the ``* dp``, so gradients, clipping
-and updates equal the single-process step's.
+and updates equal the single-process step's. The tensor-parallel step backpropagates ``/ N`` and
+sums the gradients over its replicas instead.
 
-Both keep the optimizer state in one layout: ``torch.optim.AdamW([params]).state_dict()`` of the
-single process, so a phase checkpoint resumes under any engine, ZeRO stage and dp size. A layer
+All three keep the optimizer state in one layout: ``torch.optim.AdamW([params]).state_dict()`` of the
+single process, so a phase checkpoint resumes under any engine, ZeRO stage, tp and dp size. A layer
 that layerdrop skipped gets a zero gradient in every engine (DeepSpeed's flat gradient buffers
 hold zeros for it), so it still takes AdamW's momentum step, as it does under ZeRO.
 
-Pipeline and context parallelism do not apply (an encoder-decoder flow of a few dozen layers
-fits one stage; pairs are short), nor does Megatron sequence parallelism. ``parallel.
+Pipeline, context and Megatron sequence parallelism are not applied to Lego-MT (refused by
+:func:`check_lego_layout`): a branch's blocks split over tp ranks, and sentence pairs are short. ``parallel.
 activation_checkpointing`` recomputes every encoder/decoder layer (``full``) or only the
 feed-forward blocks, whose ReLU activations are the widest (``selective``).
 """
