@@ -45,6 +45,15 @@ def default_artifact_location(tracking_uri: str) -> str | None:
     return None
 
 
+def get_or_create_experiment(client: Any, name: str, artifact_location: str | None) -> str:
+    """The id of MLflow experiment ``name`` through ``client``, created (with
+    ``artifact_location``, e.g. :func:`default_artifact_location`) when it does not exist."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_location)
+
+
 def flatten_params(data: Any, prefix: str = "") -> dict[str, str]:
     """``{"train": {"lr": 1e-3}}`` -> ``{"train.lr": "0.001"}`` (MLflow params are strings)."""
     out: dict[str, str] = {}

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pretrain.tracking import TrackingConfig, flatten_params, resolve_tracking_uri
+from pretrain.tracking import TrackingConfig, flatten_params, get_or_create_experiment, resolve_tracking_uri
 
 logger = logging.getLogger(__name__)
 
@@ -60,13 +60,9 @@ class DataTracker:
             except Exception:  # the store was replaced: start a new run
                 self.run_id = None
         if self.run_id is None:
-            exp = self.client.get_experiment_by_name(config.experiment)
-            if exp is not None:
-                exp_id = exp.experiment_id
-            else:
-                local = self.uri.startswith("sqlite:")
-                location = (out_dir / "mlartifacts").resolve().as_uri() if local else None
-                exp_id = self.client.create_experiment(config.experiment, artifact_location=location)
+            local = self.uri.startswith("sqlite:")
+            location = (out_dir / "mlartifacts").resolve().as_uri() if local else None
+            exp_id = get_or_create_experiment(self.client, config.experiment, location)
             self.run_id = self.client.create_run(exp_id, run_name=config.run_name or run_name).info.run_id
             items = [Param(k, v) for k, v in flatten_params(params).items()]
             for i in range(0, len(items), MAX_PARAMS):

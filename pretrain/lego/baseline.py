@@ -27,7 +27,8 @@ import torch
 
 from checkpoints import Checkpointer, load_checkpoint
 from pretrain.lego.data import Pair, batch_indices, collate, load_pairs, read_meta
-from pretrain.lego.detach import load_flow, save_flow
+from pretrain.lego.detach import load_initial_flow, save_flow
+from pretrain.lego.parallelize import ADAM_BETAS
 from pretrain.lego.train import LegoRunConfig, _Tracker, phases
 from pretrain.models.lego_mt import LegoFlow, detach
 from pretrain.models.lego_mt.model import flow_loss
@@ -54,19 +55,16 @@ def baseline_config(cfg: LegoRunConfig) -> LegoRunConfig:
     return LegoRunConfig.from_dict(data)
 
 
-def _initial_flow(cfg: LegoRunConfig) -> LegoFlow:
+def _initial_flow(cfg: LegoRunConfig, meta: dict[str, Any]) -> LegoFlow:
     # Same start as the Lego-MT run: its seeded initial state, or the model of train.init_from
     # (then the baseline is that model trained on further, as the paper's fine-tuned M2M-100).
     torch.manual_seed(cfg.train.seed)
     flow = detach(cfg.model.build(resident=[]), encoder="main", decoder="m2m")
     if cfg.train.init_from:
-        start, _ = load_flow(Path(cfg.train.init_from))
-        diff = start.cfg.shape_diff(cfg.model)
-        if diff:
-            raise ValueError(
-                f"train.init_from={cfg.train.init_from}: model shape differs (theirs, ours): {diff}"
-            )
-        flow.load_state_dict(start.state_dict())
+        data_dir = Path(cfg.train.data_dir)
+        flow.load_state_dict(
+            load_initial_flow(Path(cfg.train.init_from), cfg.model, meta, data_dir).state_dict()
+        )
     return flow
 
 
@@ -76,17 +74,12 @@ def train_baseline(cfg: LegoRunConfig, run_dir: Path, *, stop_after: int | None 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     tcfg = cfg.train
-    meta = read_meta(Path(tcfg.data_dir))
-    if meta.get("vocab_size", 0) > cfg.model.vocab_size:
-        raise ValueError(
-            f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
-            f"{meta['vocab_size']} ({tcfg.data_dir}/meta.json)"
-        )
+    meta = read_meta(Path(tcfg.data_dir), vocab_size=cfg.model.vocab_size)
     total = matched_steps(cfg)
     pairs = all_pairs(Path(tcfg.data_dir), cfg.model.groups)
     device = torch.device(tcfg.device)
-    flow = _initial_flow(cfg).to(device).train()
-    opt = torch.optim.AdamW(flow.parameters(), lr=tcfg.lr, betas=(0.9, 0.98), weight_decay=tcfg.weight_decay)
+    flow = _initial_flow(cfg, meta).to(device).train()
+    opt = torch.optim.AdamW(flow.parameters(), lr=tcfg.lr, betas=ADAM_BETAS, weight_decay=tcfg.weight_decay)
     state = Checkpointer(run_dir / "state", keep_last=2)
     step = 0
     latest = state.latest()

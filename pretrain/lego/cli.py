@@ -22,7 +22,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pretrain.config import add_overrides_argument
 from pretrain.lego.eval_tracking import EVAL_EXPERIMENT
+
+SET_HELP = "override a config key, e.g. --set train.lr=3e-4 --set parallel.engine=deepspeed (repeatable)"
 
 
 def add_lego_commands(subparsers: Any) -> argparse.ArgumentParser:
@@ -65,12 +68,13 @@ def add_lego_commands(subparsers: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="localized training (re-running the command resumes)")
     p.add_argument("config", type=Path, help="e.g. configs/lego-mt-tiny.yaml")
     p.add_argument("--run-dir", type=Path, required=True)
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_overrides_argument(p, help=SET_HELP)
     p.add_argument(
         "--nproc-per-node",
         type=int,
         default=1,
-        help="start N local data-parallel ranks (needs parallel.engine=deepspeed); under torchrun or srun leave it at 1",
+        help="start N local ranks (parallel.engine=deepspeed, or megatron with parallel.tp); "
+        "under torchrun or srun leave it at 1",
     )
 
     p = sub.add_parser(
@@ -82,7 +86,7 @@ def add_lego_commands(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("config", type=Path, help="the Lego-MT run's config, e.g. configs/lego-mt-tiny.yaml")
     p.add_argument("--run-dir", type=Path, required=True)
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_overrides_argument(p, help=SET_HELP)
 
     p = sub.add_parser("detach", help="save one encoder -> decoder flow as a standalone model")
     p.add_argument("run_dir", type=Path)
@@ -157,13 +161,6 @@ def _add_eval_arguments(p: argparse.ArgumentParser, *, max_len: int, heldout_hel
         "--experiment", default=EVAL_EXPERIMENT, help=f"MLflow experiment (default {EVAL_EXPERIMENT})"
     )
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
-
-
-def _meta_for(run_dir: Path) -> dict[str, Any]:
-    from pretrain.lego.data import read_meta
-
-    cfg = json.loads((run_dir / "config.json").read_text())
-    return read_meta(Path(cfg["train"]["data_dir"]))
 
 
 def cmd_lego(args: argparse.Namespace) -> int:
@@ -253,9 +250,10 @@ def _baseline(args: argparse.Namespace) -> int:
 
 
 def _detach(args: argparse.Namespace) -> int:
+    from pretrain.lego.compare import run_meta
     from pretrain.lego.detach import detach_from_run, save_flow
 
-    meta = _meta_for(args.run_dir)
+    meta = run_meta(args.run_dir)
     flow = detach_from_run(args.run_dir, encoder=args.encoder, decoder=args.decoder)
     tok = meta.get("tokenizer")
     path = save_flow(flow, args.out, meta=meta, tokenizer=Path(tok) if tok else None, source=args.run_dir)

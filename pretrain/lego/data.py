@@ -27,11 +27,19 @@ class Pair:
     tgt: list[int]
 
 
-def read_meta(data_dir: Path) -> dict:
+def read_meta(data_dir: Path, *, vocab_size: int | None = None) -> dict:
+    """``data_dir/meta.json`` (language tags, eos/pad ids, tokenizer); with ``vocab_size`` (the
+    model's) raise ValueError when the tokenizer has more pieces than the model has rows."""
     path = Path(data_dir) / "meta.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; write it with `pretrain lego-data`")
-    return json.loads(path.read_text())
+        raise FileNotFoundError(f"{path}: missing; write it with `pretrain lego-mt data`")
+    meta = json.loads(path.read_text())
+    if vocab_size is not None and meta.get("vocab_size", 0) > vocab_size:
+        raise ValueError(
+            f"model.vocab_size={vocab_size} is smaller than the tokenizer's {meta['vocab_size']} "
+            f"({path}); set model.vocab_size={meta['vocab_size']}"
+        )
+    return meta
 
 
 def load_pairs(data_dir: Path, group: str, *, reverse: bool = False) -> list[Pair]:

@@ -120,3 +120,19 @@ def load_flow(path: Path) -> tuple[LegoFlow, dict[str, Any]]:
     if (ckpt_dir / "spm.model").is_file():
         md["tokenizer"] = str(ckpt_dir / "spm.model")
     return flow.eval(), md
+
+
+def load_initial_flow(path: Path, cfg: LegoMTConfig, meta: dict[str, Any], data_dir: Path) -> LegoFlow:
+    """The multilingual model ``train.init_from`` names (a flow directory or a baseline run),
+    refused with ValueError unless it has ``cfg``'s shape and the language tags and eos of the
+    training data's tokenizer (``meta``, read from ``data_dir``)."""
+    flow, flow_meta = load_flow(path)
+    diff = flow.cfg.shape_diff(cfg)
+    if diff:
+        raise ValueError(f"train.init_from={path}: model shape differs (theirs, ours): {diff}")
+    if (flow_meta.get("lang_tags"), flow_meta.get("eos_id")) != (meta.get("lang_tags"), meta.get("eos_id")):
+        raise ValueError(
+            f"train.init_from={path}: its tokenizer's language tags/eos differ from "
+            f"{data_dir}/meta.json; prepare the data with the model's tokenizer"
+        )
+    return flow

@@ -11,7 +11,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pretrain.tracking import TrackingConfig, default_artifact_location, resolve_tracking_uri
+from pretrain.tracking import (
+    TrackingConfig,
+    default_artifact_location,
+    get_or_create_experiment,
+    resolve_tracking_uri,
+)
 
 EVAL_EXPERIMENT = "lego-mt-eval"
 
@@ -57,12 +62,7 @@ def log_scores(
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = (
-        exp.experiment_id
-        if exp
-        else client.create_experiment(experiment, artifact_location=default_artifact_location(tracking_uri))
-    )
+    exp_id = get_or_create_experiment(client, experiment, default_artifact_location(tracking_uri))
     run_id = client.create_run(exp_id, run_name=run_name).info.run_id
     ts = int(time.time() * 1000)
     metrics = [Metric(k, v, ts, 0) for k, v in score_metrics(scores).items()]

@@ -146,6 +146,10 @@ class PhaseStep(Protocol):
         """Load what :meth:`optimizer_state` returned, under any engine/ZeRO stage/dp size."""
         ...
 
+    def close(self) -> None:
+        """Free what the phase's engine holds before the next phase builds its own."""
+        ...
+
 
 def _global_tokens(labels: Tensor, pad_id: int) -> int:
     return max(int((labels != pad_id).sum()), 1)
@@ -167,25 +171,42 @@ class LocalStep:
         self, batch: tuple[Tensor, Tensor, Tensor], *, flows: int, group: str, lr: float
     ) -> dict[str, float]:
         device = self.model.embed.tokens.weight.device
-        src, tgt_in, labels = (t.to(device) for t in batch)
+        pad = self.model.cfg.pad_id
+        n = _global_tokens(batch[2], pad)
+        src, tgt_in, labels = (t.to(device) for t in self._rows(batch))
         for pg in self.optimizer.param_groups:
             pg["lr"] = lr
-        n = _global_tokens(labels, self.model.cfg.pad_id)
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
             out = self.model(src, tgt_in, flows, group)
-        sums = flow_token_losses(out, labels, flows, self.model.cfg.pad_id)
-        loss = sum(sums.values()) / n
-        loss.backward()
+        sums = flow_token_losses(out, labels, flows, pad)
+        local = sum(sums.values())
+        (local / n).backward()
         for p in self.params:  # layerdrop-skipped layers: zeros, as in DeepSpeed's flat buffers
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
+        self._sync_grads()
         if self.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+            self._clip_grads()
         self.optimizer.step()
-        metrics = {f"loss_{k}": float(v.detach()) / n for k, v in sums.items()}
-        metrics["loss"] = float(loss.detach())
+        reduced = self._sum_over_replicas(torch.stack([local.detach(), *(v.detach() for v in sums.values())]))
+        metrics = {f"loss_{k}": float(v) / n for k, v in zip(sums, reduced[1:].tolist())}
+        metrics["loss"] = float(reduced[0]) / n
         return metrics
+
+    # What a data-parallel subclass changes: its rows of the batch, the gradient sum over the
+    # replicas, the norm over shards, the loss sums over the replicas.
+    def _rows(self, batch: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, ...]:
+        return batch
+
+    def _sync_grads(self) -> None:
+        pass
+
+    def _clip_grads(self) -> None:
+        torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+
+    def _sum_over_replicas(self, t: Tensor) -> Tensor:
+        return t
 
     def module_state(self, module: nn.Module) -> dict[str, Tensor]:
         return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
@@ -195,6 +216,9 @@ class LocalStep:
 
     def load_optimizer_state(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state)
+
+    def close(self) -> None:
+        pass
 
 
 class DeepSpeedStep:
@@ -312,7 +336,7 @@ class DeepSpeedStep:
         self.engine.destroy()
 
 
-class TensorParallelStep:
+class TensorParallelStep(LocalStep):
     """AdamW on this rank's shards of the trainable parameters: ``parallel.tp`` ranks share each
     block, ``world / tp`` replicas split the batch.
 
@@ -334,48 +358,29 @@ class TensorParallelStep:
         order = [names[id(p)] for p in params]
         apply_lego_tensor_parallel(model, topo)
         named = dict(model.named_parameters())
-        self.model = model
+        super().__init__(model, [named[n] for n in order], settings)
         self.topo = topo
-        self.params = [named[n] for n in order]
         self.rows = settings.batch_size // topo.dp
-        self.grad_clip = settings.grad_clip
-        self.bf16 = settings.precision == "bf16"
-        self.optimizer = torch.optim.AdamW(
-            self.params, lr=0.0, betas=ADAM_BETAS, weight_decay=settings.weight_decay
-        )
 
-    def step(
-        self, batch: tuple[Tensor, Tensor, Tensor], *, flows: int, group: str, lr: float
-    ) -> dict[str, float]:
-        from parallel.tensor import all_reduce_grads, clip_grad_norm_
-
-        device = self.model.embed.tokens.weight.device
-        pad = self.model.cfg.pad_id
-        n = _global_tokens(batch[2], pad)
+    def _rows(self, batch: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, ...]:
         rows = slice(self.topo.dp_rank * self.rows, (self.topo.dp_rank + 1) * self.rows)
-        src, tgt_in, labels = (t[rows].to(device) for t in batch)
-        for pg in self.optimizer.param_groups:
-            pg["lr"] = lr
-        self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            out = self.model(src, tgt_in, flows, group)
-        sums = flow_token_losses(out, labels, flows, pad)
-        local = sum(sums.values())
-        (local / n).backward()
-        for p in self.params:  # layerdrop-skipped layers: zeros, as in LocalStep
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
+        return tuple(t[rows] for t in batch)
+
+    def _sync_grads(self) -> None:
+        from parallel.tensor import all_reduce_grads
+
         if self.topo.dp > 1:
             all_reduce_grads(self.params, self.topo.dp_group)
-        if self.grad_clip > 0:
-            clip_grad_norm_(self.params, self.grad_clip, self.topo)
-        self.optimizer.step()
-        reduced = torch.stack([local.detach(), *(v.detach() for v in sums.values())])
+
+    def _clip_grads(self) -> None:
+        from parallel.tensor import clip_grad_norm_
+
+        clip_grad_norm_(self.params, self.grad_clip, self.topo)
+
+    def _sum_over_replicas(self, t: Tensor) -> Tensor:
         if self.topo.dp > 1:
-            dist.all_reduce(reduced, group=self.topo.dp_group)
-        metrics = {f"loss_{k}": float(v) / n for k, v in zip(sums, reduced[1:].tolist())}
-        metrics["loss"] = float(reduced[0]) / n
-        return metrics
+            dist.all_reduce(t, group=self.topo.dp_group)
+        return t
 
     def module_state(self, module: nn.Module) -> dict[str, Tensor]:
         from parallel.tensor import gather_full_state_dict

@@ -41,7 +41,13 @@ from pretrain.lego.parallelize import PhaseStep, StepSettings, build_phase_step,
 from pretrain.lego.stages import STAGE_FLOWS, set_trainable
 from pretrain.lego.store import SHARED_PARTS, PartitionStore, partition_name, state_of
 from pretrain.models.lego_mt import LegoMT, LegoMTConfig
-from pretrain.tracking import TrackingConfig, default_artifact_location, flatten_params, resolve_tracking_uri
+from pretrain.tracking import (
+    TrackingConfig,
+    default_artifact_location,
+    flatten_params,
+    get_or_create_experiment,
+    resolve_tracking_uri,
+)
 from pretrain.trainer.train_module import cosine_with_warmup
 
 logger = logging.getLogger(__name__)
@@ -141,13 +147,8 @@ class _Tracker:
         id_file = run_dir / "mlflow_run_id"
         self.run_id = id_file.read_text().strip() if id_file.is_file() else None
         if self.run_id is None:
-            exp = self.client.get_experiment_by_name(cfg.tracking.experiment)
-            exp_id = (
-                exp.experiment_id
-                if exp
-                else self.client.create_experiment(
-                    cfg.tracking.experiment, artifact_location=default_artifact_location(uri)
-                )
+            exp_id = get_or_create_experiment(
+                self.client, cfg.tracking.experiment, default_artifact_location(uri)
             )
             run = self.client.create_run(exp_id, run_name=cfg.tracking.run_name or cfg.name)
             self.run_id = run.info.run_id
@@ -205,13 +206,7 @@ class LocalizedTrainer:
             self.topo = Topology.from_config(cfg.parallel, self.env.world_size, backend=backend)
         self.store = PartitionStore(self.run_dir / "parts")
         self.state_ckpt = Checkpointer(self.run_dir / "state", keep_last=2)
-        self.meta = read_meta(Path(cfg.train.data_dir))
-        vocab = self.meta.get("vocab_size", 0)
-        if vocab > cfg.model.vocab_size:
-            raise ValueError(
-                f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {vocab} "
-                f"({cfg.train.data_dir}/meta.json); set model.vocab_size={vocab}"
-            )
+        self.meta = read_meta(Path(cfg.train.data_dir), vocab_size=cfg.model.vocab_size)
         self.phases = phases(cfg)
         self.results: dict[str, Any] = {"losses": {}, "resident": [], "peak_params": 0}
 
@@ -235,19 +230,9 @@ class LocalizedTrainer:
         self.state_ckpt.save(0, {}, metadata=state)
 
     def _load_multilingual(self, model: LegoMT, path: Path) -> None:
-        from pretrain.lego.detach import load_flow
+        from pretrain.lego.detach import load_initial_flow
 
-        flow, meta = load_flow(path)
-        diff = flow.cfg.shape_diff(self.cfg.model)
-        if diff:
-            raise ValueError(f"train.init_from={path}: model shape differs (theirs, ours): {diff}")
-        if meta.get("lang_tags") != self.meta.get("lang_tags") or meta.get("eos_id") != self.meta.get(
-            "eos_id"
-        ):
-            raise ValueError(
-                f"train.init_from={path}: its tokenizer's language tags/eos differ from "
-                f"{self.cfg.train.data_dir}/meta.json; prepare the data with the model's tokenizer"
-            )
+        flow = load_initial_flow(path, self.cfg.model, self.meta, Path(self.cfg.train.data_dir))
         model.embed.load_state_dict(flow.embed.state_dict())
         model.main.load_state_dict(flow.encoder.state_dict())
         model.m2m.load_state_dict(flow.decoder.state_dict())
@@ -358,8 +343,7 @@ class LocalizedTrainer:
                         state = self._save(step, stage, group, state, with_optimizer=True)
                         tracker.flush()
                 state = self._save(step, stage, group, state, with_optimizer=False)
-                if hasattr(step, "close"):
-                    step.close()
+                step.close()
                 del model, step
                 tracker.flush()
             if self.env.is_main:

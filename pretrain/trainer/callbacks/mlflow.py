@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pretrain.tracking import default_artifact_location, flatten_params
+from pretrain.tracking import default_artifact_location, flatten_params, get_or_create_experiment
 from pretrain.trainer.callbacks.base import Callback
 
 logger = logging.getLogger(__name__)
@@ -85,13 +85,8 @@ class MLflowCallback(Callback):
                 )
                 self.run_id, resumed = None, False
         if self.run_id is None:
-            exp = self._client.get_experiment_by_name(self.experiment)
-            exp_id = (
-                exp.experiment_id
-                if exp
-                else self._client.create_experiment(
-                    self.experiment, artifact_location=default_artifact_location(self.tracking_uri)
-                )
+            exp_id = get_or_create_experiment(
+                self._client, self.experiment, default_artifact_location(self.tracking_uri)
             )
             run = self._client.create_run(exp_id, run_name=self.run_name, tags=self.tags)
             self.run_id = run.info.run_id
